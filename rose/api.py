@@ -1,0 +1,83 @@
+"""Library entry points behind the CLI: prune a model and save it with its recipe, evaluate perplexity."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .calibrate import check_widths, prune_model
+from .config import PruneConfig, Recipe
+from .data import calibration_windows, evaluation_tokens
+from .errors import RoseError
+from .eval import perplexity
+from .models import load_model
+from .outputs import atomic_output, check_output
+
+log = logging.getLogger(__name__)
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RoseError(f"--device {device} needs CUDA, which this machine lacks: use --device cpu")
+    if not device.startswith(("cpu", "cuda")):
+        raise RoseError(f"unknown --device {device!r}: use cpu or cuda")
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the sublayers: overall sparsity, mean reconstruction error, ROSE's columnar fraction."""
+    numel = sum(r["shape"][0] * r["shape"][1] for r in records)
+    out: dict[str, Any] = {
+        "sublayers": len(records),
+        "sparsity": round(sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in records) / numel, 6),
+        "mean_rel_error": round(sum(r["rel_error"] for r in records) / len(records), 6),
+    }
+    if any("reordered" in r for r in records):
+        out["columnar_fraction"] = round(sum(bool(r.get("reordered")) for r in records) / len(records), 4)
+        orders: dict[str, int] = {}
+        for r in records:
+            orders[r["order"]] = orders.get(r["order"], 0) + 1
+        out["chosen_orders"] = orders
+    return out
+
+
+def prune(model_name: str, cfg: PruneConfig, *, progress: bool = True, model=None, tokenizer=None):
+    """Load (unless given), calibrate and prune; returns `(model, tokenizer, recipe)`."""
+    check_device(cfg.device)
+    if model is None:
+        model, tokenizer = load_model(model_name)
+    check_widths(model, cfg)
+    calib = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    t0 = time.perf_counter()
+    records = prune_model(model, calib, cfg, progress=progress)
+    seconds = time.perf_counter() - t0
+    recipe = Recipe(model=model_name, config=cfg.to_dict(), layers=records,
+                    results={"prune_seconds": round(seconds, 2), **summarize(records)})
+    log.info("pruned %d sublayers in %.1f s: sparsity %.4f", len(records), seconds, recipe.results["sparsity"])
+    return model, tokenizer, recipe
+
+
+def evaluate(model, tokenizer, data: str, seqlen: int, max_tokens: int | None, device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    ids = evaluation_tokens(tokenizer, data)
+    model.to(device)
+    try:
+        result = perplexity(model, ids, seqlen, max_tokens, device=device, progress=progress)
+    finally:
+        model.to("cpu")
+    return {"data": data, **result}
+
+
+def save_pruned(model, tokenizer, recipe: Recipe, out: Path, overwrite: bool = False) -> Path:
+    """`save_pretrained` (safetensors) plus `rose_recipe.json`, written atomically."""
+    with atomic_output(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        recipe.save(tmp)
+    return Path(out)
+
+
+__all__ = ["prune", "evaluate", "save_pruned", "check_output", "check_device"]

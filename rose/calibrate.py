@@ -1,0 +1,118 @@
+"""The generic sequential calibration loop (SparseGPT's protocol), one decoder layer at a time.
+
+1. capture the inputs of the first decoder layer for every calibration sample;
+2. for each layer: collect statistics of every linear sublayer, prune them, then run the *pruned* layer to get
+   the inputs of the next one.
+Only the current layer (plus embeddings) sits on the compute device, so models larger than it can be pruned.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import all_sublayers, decoder_layers, get_weight, linear_sublayers, set_weight
+from .config import PruneConfig
+from .errors import RoseError
+from .methods import prune_weight
+from .offload import all_but_on_device, calibration_mode, on_device, to_device
+from .solver import reconstruction_error
+from .stats import InputStats
+
+log = logging.getLogger(__name__)
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook on the first layer to stop the forward pass once its inputs are caught."""
+
+
+def check_widths(model: nn.Module, cfg: PruneConfig) -> None:
+    """Fail before any work when an N:M pattern does not fit a sublayer's input width."""
+    if not cfg.sparsity.is_nm:
+        return
+    m = cfg.sparsity.m
+    bad = [f"{name} (in_features={get_weight(mod).shape[1]})" for name, mod in all_sublayers(model).items()
+           if get_weight(mod).shape[1] % m]
+    if bad:
+        raise RoseError(f"{cfg.sparsity} needs input widths that are multiples of {m}; not: {', '.join(bad[:4])}"
+                        + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    if cfg.method == "rose" and cfg.blocksize % m:
+        raise RoseError(f"--blocksize {cfg.blocksize} must be a multiple of M={m} for {cfg.sparsity}")
+
+
+def capture_inputs(model: nn.Module, calib: torch.Tensor, device: str) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering the first decoder layer for each sample, and that layer's keyword arguments."""
+    layers = decoder_layers(model)
+    inputs: list[torch.Tensor] = []
+    kwargs: dict[str, Any] = {}
+
+    def hook(module, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden.detach())
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with all_but_on_device(model, layers, device), on_device(layers[0], device):
+            for row in calib:
+                with contextlib.suppress(_Captured):
+                    model(row.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        handle.remove()
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    outs = []
+    for x in inputs:
+        out = layer(x, **kwargs)
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outs
+
+
+def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progress: bool = True) -> list[dict]:
+    """Prune every linear sublayer of every decoder layer in place; returns one record per sublayer."""
+    check_widths(model, cfg)
+    device = cfg.device
+    records: list[dict] = []
+    layers = decoder_layers(model)
+    with calibration_mode(model):
+        inputs, kwargs = capture_inputs(model, calib, device)
+        kwargs = to_device(kwargs, device)
+        for idx, layer in enumerate(tqdm(layers, desc=f"{cfg.method} {cfg.sparsity}", disable=not progress)):
+            with on_device(layer, device):
+                subs = linear_sublayers(model, layer)
+                stats = {name: InputStats(get_weight(mod).shape[1], device) for name, mod in subs.items()}
+                hooks = [mod.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0]))
+                         for name, mod in subs.items()]
+                try:
+                    _run_layer(layer, inputs, kwargs)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                line = []
+                for name, mod in subs.items():
+                    t0 = time.perf_counter()
+                    W = get_weight(mod).float()
+                    W_new, info = prune_weight(W, stats[name], cfg)
+                    err = reconstruction_error(W, W_new, stats[name].H)
+                    set_weight(mod, W_new)
+                    zeros = int((get_weight(mod) == 0).sum())
+                    records.append({"layer": idx, "name": name, "shape": list(W.shape),
+                                    "sparsity": round(zeros / W.numel(), 6), "rel_error": round(err, 6),
+                                    "seconds": round(time.perf_counter() - t0, 4), **info})
+                    line.append(f"{name.split('.')[-1]}={err:.4f}")
+                    del stats[name]
+                log.info("layer %d rel. error %s", idx, " ".join(line))
+                inputs = _run_layer(layer, inputs, kwargs)
+    return records

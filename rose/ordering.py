@@ -1,0 +1,101 @@
+"""ROSE's column order (Su & Wang, CPAL 2026): a pure function from weights and statistics to a permutation.
+
+ROSE = SparseGPT + this order. Columns (or, for N:M, whole groups of M columns) that would lose the most under a
+Wanda-metric pre-pruning go first, so that their pruning errors have the most columns left to absorb them.
+Blocks of `blocksize` original columns stay contiguous; blocks are ordered by their loss, too. A layer is only
+reordered when its block losses differ enough (the "columnar" test).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import DEFAULT_BLOCKSIZE, Sparsity
+from .masks import nm_mask
+
+ORDER_MODES = ("both", "columns", "blocks", "none")
+WITHIN_GROUP = ("keep", "sort")
+DEFAULT_THRESHOLD = 0.5  # the paper's columnar threshold on the relative range of block losses
+
+
+@dataclass
+class Ordering:
+    """A column permutation plus the diagnostics the recipe records."""
+
+    perm: torch.Tensor          # new position -> original column
+    blocks: list[int]           # widths of the solver's blocks in permuted order (each one original block)
+    relative_range: float       # (max - min) / max of the (width-normalised) block losses
+    reordered: bool
+
+
+def identity_order(columns: int, blocksize: int = DEFAULT_BLOCKSIZE) -> Ordering:
+    widths = [min(blocksize, columns - i) for i in range(0, columns, blocksize)]
+    return Ordering(torch.arange(columns), widths, 0.0, False)
+
+
+def wanda_scores(W: torch.Tensor, col_energy: torch.Tensor) -> torch.Tensor:
+    """`|W_ij| * sqrt(s_j)`, with `s_j` the mean squared input of column j."""
+    return W.abs().float() * col_energy.float().sqrt().unsqueeze(0)
+
+
+def rose_order(W: torch.Tensor, col_energy: torch.Tensor, sparsity: Sparsity, *,
+               blocksize: int = DEFAULT_BLOCKSIZE, threshold: float = DEFAULT_THRESHOLD,
+               mode: str = "both", within_group: str = "keep") -> Ordering:
+    """ROSE's two-level order for one sublayer; `mode` ablates the column or the block level."""
+    rows, cols = W.shape
+    if mode not in ORDER_MODES or within_group not in WITHIN_GROUP:
+        raise ValueError(f"unknown ROSE mode {mode!r} / within-group {within_group!r}")
+    if sparsity.is_nm and blocksize % sparsity.m:
+        raise ValueError(f"block size {blocksize} must be a multiple of M={sparsity.m}")
+    ident = identity_order(cols, blocksize)
+    if mode == "none" or sparsity.ratio == 0:
+        return ident
+    S = wanda_scores(W, col_energy)
+    unit = sparsity.m if sparsity.is_nm else 1   # the atom that moves: a column, or a whole N:M group
+    if sparsity.is_nm:
+        L = S * nm_mask(S, sparsity.n, sparsity.m)            # pre-prune the N smallest per row and group
+    else:
+        L = torch.zeros_like(S)
+        for i1 in range(0, cols, blocksize):                 # pre-prune each block at its own p-quantile
+            blk = S[:, i1:i1 + blocksize]
+            t = torch.sort(blk.flatten()).values[int(blk.numel() * sparsity.ratio)]
+            L[:, i1:i1 + blocksize] = blk * (blk <= t)
+    col_loss = L.sum(0)
+    unit_loss = col_loss.reshape(-1, unit).sum(1)
+
+    block_perms, block_loss = [], []
+    for i1 in range(0, cols, blocksize):
+        width = min(blocksize, cols - i1)
+        units = torch.arange(i1 // unit, (i1 + width) // unit)
+        if mode in ("both", "columns"):
+            units = units[torch.argsort(unit_loss[units], descending=True, stable=True)]
+        members = []
+        for u in units.tolist():
+            c = torch.arange(u * unit, (u + 1) * unit)
+            if unit > 1 and within_group == "sort":
+                c = c[torch.argsort(col_loss[c], descending=True, stable=True)]
+            members.append(c)
+        block_perms.append(torch.cat(members))
+        block_loss.append(float(unit_loss[units].sum()) * blocksize / width)  # a short last block compares fairly
+
+    losses = torch.tensor(block_loss, dtype=torch.float64)
+    top = float(losses.max())
+    rel_range = (top - float(losses.min())) / top if top > 0 else 0.0
+    if rel_range <= threshold:
+        return Ordering(ident.perm, ident.blocks, rel_range, False)
+    order = range(len(block_perms))
+    if mode in ("both", "blocks"):
+        order = torch.argsort(losses, descending=True, stable=True).tolist()
+    perm = torch.cat([block_perms[b] for b in order])
+    return Ordering(perm, [ident.blocks[b] for b in order], rel_range, True)
+
+
+def hessian_diag_order(H: torch.Tensor, sparsity: Sparsity, blocksize: int = DEFAULT_BLOCKSIZE) -> Ordering:
+    """Columns (or whole N:M groups) by descending `diag(H)`: GPTQ's act-order, a cheap third candidate."""
+    cols = H.shape[0]
+    unit = sparsity.m if sparsity.is_nm else 1
+    energy = torch.diag(H).float().reshape(-1, unit).sum(1)
+    units = torch.argsort(energy, descending=True, stable=True)
+    perm = (units.unsqueeze(1) * unit + torch.arange(unit)).flatten()
+    return Ordering(perm, identity_order(cols, blocksize).blocks, 0.0, True)

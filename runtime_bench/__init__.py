@@ -1,0 +1,1 @@
+"""Latency and memory benchmarks of sparse models against dense baselines."""

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the README quality table: SmolLM2-135M, calibration 64 x 512 tokens from the shared WikiText-2 validation
+# file, perplexity on the first 65,536 tokens of the shared WikiText-2 raw test at seqlen 512.
+# Usage: scripts/quality_runs.sh RUNS_DIR SEED CONFIG...   where CONFIG is method:sparsity[:extra-flags]
+# e.g.   scripts/quality_runs.sh runs 0 dense sparsegpt:2:4 rose:0.7:--rose-order=columns
+# Each run keeps its rose_recipe.json (timings, per-sublayer records, perplexity) under RUNS_DIR; the weights
+# are deleted to save disk. Render with: python scripts/quality_table.py RUNS_DIR
+set -euo pipefail
+runs=$1; seed=$2; shift 2
+data=${ROSE_DATA:-../shared/data/wikitext2}
+common=(--calib "$data/valid.tokens.txt" --nsamples 64 --seqlen 512 --seed "$seed"
+        --eval --eval-data "$data/test.raw.txt" --eval-seqlen 512 --max-tokens 65536 --quiet --overwrite)
+mkdir -p "$runs"
+for spec in "$@"; do
+  name="${spec//[:=]/_}_s$seed"
+  [ -f "$runs/$name/rose_recipe.json" ] && { echo "skip $name"; continue; }
+  if [ "$spec" = dense ]; then
+    mkdir -p "$runs/$name"
+    rose-export eval --data "$data/test.raw.txt" --seqlen 512 --max-tokens 65536 --json > "$runs/$name/eval.json"
+    cp "$runs/$name/eval.json" "$runs/$name/rose_recipe.json"
+    continue
+  fi
+  method=${spec%%:*}; rest=${spec#*:}
+  # sparsity is N:M or a ratio; anything after it (separated by ':') are extra flags
+  if [[ $rest =~ ^([0-9]+:[0-9]+)(:(.*))?$ ]]; then sp=${BASH_REMATCH[1]}; extra=${BASH_REMATCH[3]:-}
+  else sp=${rest%%:*}; extra=""; [[ $rest == *:* ]] && extra=${rest#*:}; fi
+  echo "== $name: --method $method --sparsity $sp $extra"
+  # shellcheck disable=SC2086
+  rose-export prune --method "$method" --sparsity "$sp" ${extra//,/ } "${common[@]}" --out "$runs/$name"
+  rm -f "$runs/$name"/*.safetensors
+done

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models of three layouts, a character tokenizer, and the shared data files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("ROSE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+VALID = SHARED_DATA / "wikitext2" / "valid.tokens.txt"
+TEST = SHARED_DATA / "wikitext2" / "test.raw.txt"
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:'\"!?()-=@<>\n"
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer: enough text handling for tiny models, built in milliseconds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+
+
+def tiny_config(kind: str, hidden: int = 64, inter: int = 128):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    vocab = len(CHARS) + 1
+    if kind == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           tie_word_embeddings=True)
+    if kind == "opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=inter, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden)
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=hidden, n_inner=inter, n_layer=2, n_head=4, n_positions=256)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **kw))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """Factory: save a tiny random model plus the character tokenizer and return the directory."""
+    def make(kind: str = "llama", **kw) -> Path:
+        d = tmp_path / f"tiny-{kind}"
+        tiny_model(kind, **kw).save_pretrained(d)
+        char_tokenizer().save_pretrained(d)
+        return d
+    return make
+
+
+@pytest.fixture
+def calib_file(tmp_path) -> Path:
+    """A small local calibration text (long enough for a few windows of the character tokenizer)."""
+    path = tmp_path / "calib.txt"
+    lines = [f"The {i}th line of text is here, with words and numbers {i * 7}." for i in range(200)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def correlated_inputs(columns: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with strongly correlated columns and uneven scales, as real activations have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(columns, columns, generator=g) / columns ** 0.5 + torch.eye(columns)
+    scale = torch.exp(torch.randn(columns, generator=g))
+    return (torch.randn(tokens, columns, generator=g) @ mix) * scale
+
+
+def hessian(X: torch.Tensor) -> torch.Tensor:
+    return 2.0 / X.shape[0] * X.T @ X
