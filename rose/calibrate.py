@@ -111,8 +111,8 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                     records.append({"layer": idx, "name": name, "shape": list(W.shape),
                                     "sparsity": round(zeros / W.numel(), 6), "rel_error": round(err, 6),
                                     "seconds": round(time.perf_counter() - t0, 4), **info})
-                    line.append(f"{name.split('.')[-1]}={err:.4f}")
+                    line.append(f"{name.split('.')[-1]}={err:.4f}" + ("*" if info.get("reordered") else ""))
                     del stats[name]
-                log.info("layer %d rel. error %s", idx, " ".join(line))
+                log.info("layer %d rel. error %s", idx, " ".join(line))  # * = reordered by ROSE
                 inputs = _run_layer(layer, inputs, kwargs)
     return records

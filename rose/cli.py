@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP, PruneConfig, Sparsity
 from .errors import RoseError
@@ -141,7 +142,8 @@ def prune(model, out, overwrite, do_eval, eval_data, eval_seqlen, max_tokens, qu
     _setup_logging(quiet)
     cfg = make_config(**opts)
     check_output(out, overwrite)
-    pruned, tokenizer, recipe = api.prune(model, cfg, progress=not quiet)
+    with logging_redirect_tqdm():  # per-layer log lines print above the progress bar, not through it
+        pruned, tokenizer, recipe = api.prune(model, cfg, progress=not quiet)
     if do_eval:
         recipe.results["eval"] = api.evaluate(pruned, tokenizer, eval_data, eval_seqlen, max_tokens, cfg.device,
                                               progress=not quiet)

