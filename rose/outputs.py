@@ -21,8 +21,14 @@ def check_output(out: Path, overwrite: bool) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise RoseError(f"cannot write under {parent}: choose a writable --out")
+    if not parent.is_dir():
+        raise RoseError(f"cannot write {out}: {parent} is a file, not a directory")
+    try:  # permission bits lie on read-only mounts and for root: try for real
+        fd, probe = tempfile.mkstemp(prefix=".rose-probe-", dir=parent)
+    except OSError as exc:
+        raise RoseError(f"cannot write under {parent} ({exc.strerror}): choose a writable --out") from None
+    os.close(fd)
+    os.unlink(probe)
     return out
 
 

@@ -1,0 +1,131 @@
+"""`packed24`: a 2:4 checkpoint about half the size, in the legacy compressed-tensors `sparse-24-bitmask` layout.
+
+For each 2:4 weight W (R x C): `<module>.compressed` (R x C/2, W's dtype: the two kept values of every group of
+four, in column order), `<module>.bitmask` (uint8, R x ceil(C/8), bit j of byte b marks column 8b+j, little bit
+order) and `<module>.shape` (int64, 2 x 1). `config.json` carries `quantization_config.sparsity_config` so that
+compressed-tensors 0.14 (the last release that reads this format) and the tools built on it can load it; rose
+reads it back itself with `load_packed24`, bit-exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rose.errors import RoseError
+
+from .source import Source, bit_equal, bits, copy_aux, require_24
+
+FORMAT = "sparse-24-bitmask"
+LEGACY_VERSION = "0.14.0.1"  # the last compressed-tensors release that reads and writes sparse-24-bitmask
+WEIGHTS = "model.safetensors"
+
+
+def keep_mask24(W: torch.Tensor) -> torch.Tensor:
+    """Exactly two marked slots in every group of four of a 2:4 matrix: its nonzero values first, then nonzero
+    bits (so a stored -0.0 survives), then the lowest positions."""
+    rows, cols = W.shape
+    groups = W.reshape(rows, cols // 4, 4)
+    rank = ((groups != 0).to(torch.int8) * 8 + (bits(groups) != 0).to(torch.int8) * 4
+            + torch.arange(3, -1, -1, dtype=torch.int8))
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, torch.topk(rank, 2, dim=2).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def pack24(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(compressed, bitmask) of a 2:4 matrix."""
+    rows, cols = W.shape
+    keep = keep_mask24(W)
+    compressed = W[keep].reshape(rows, cols // 2)
+    bitmask = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
+    return compressed, bitmask
+
+
+def unpack24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense matrix back: zeros everywhere the bitmask is clear."""
+    keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, count=shape[1], bitorder="little").astype(bool))
+    dense = torch.zeros(shape, dtype=compressed.dtype)
+    dense[keep.reshape(shape)] = compressed.flatten()
+    return dense
+
+
+def _sparsity_config(src: Source, packed: list[str]) -> dict:
+    """What compressed-tensors 0.14 writes: every Linear is a target, the ones left dense are ignored by name."""
+    numel = sum(t.numel() for t in src.tensors.values() if t.is_floating_point())
+    zeros = sum(int((t == 0).sum()) for t in src.tensors.values() if t.is_floating_point())
+    return {"format": FORMAT, "global_sparsity": round(zeros / numel, 6), "ignore": [n for n in src.all_linears
+                                                                                      if n not in packed],
+            "registry_requires_subclass": False, "sparsity_structure": "2:4", "targets": ["Linear"]}
+
+
+def write_packed24(src: Source, out: Path) -> dict:
+    """Write the packed checkpoint into `out` and check that it reads back bit-exactly."""
+    from safetensors.torch import save_file
+
+    require_24(src, "packed24")
+    copy_aux(src.path, out)
+    packed = [n for n, kind in src.linears.items() if kind == "linear"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in src.tensors.items():
+        module = name[: -len(".weight")]
+        if name.endswith(".weight") and module in packed:
+            compressed, bitmask = pack24(t)
+            tensors[f"{module}.compressed"] = compressed
+            tensors[f"{module}.bitmask"] = bitmask
+            tensors[f"{module}.shape"] = torch.tensor(list(t.shape), dtype=torch.int64).reshape(-1, 1)
+        else:
+            tensors[name] = t.contiguous()
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "version": LEGACY_VERSION,
+                                     "sparsity_config": _sparsity_config(src, packed), "transform_config": {}}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    back = read_packed24(out)
+    mismatched = [n for n, t in back.items() if n not in src.tensors or not bit_equal(t, src.tensors[n])]
+    if mismatched or set(back) != set(src.tensors):
+        raise RoseError(f"packed24 round trip is not bit-exact for {mismatched[:4] or 'the tensor names'}: "
+                        f"please report this")
+    return {"packed_layers": len(packed), "round_trip": "bit-exact"}
+
+
+def read_packed24(path: Path) -> dict[str, torch.Tensor]:
+    """The dense state dict of a packed24 directory (as stored: tied weights once)."""
+    from safetensors.torch import load_file
+
+    stored = load_file(Path(path) / WEIGHTS)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in stored.items():
+        if name.endswith((".bitmask", ".shape")):
+            continue
+        if name.endswith(".compressed"):
+            module = name[: -len(".compressed")]
+            shape = tuple(int(s) for s in stored[f"{module}.shape"].flatten())
+            out[f"{module}.weight"] = unpack24(t, stored[f"{module}.bitmask"], shape)  # type: ignore[arg-type]
+        else:
+            out[name] = t
+    return out
+
+
+def load_packed24(path: Path, dtype: torch.dtype | None = None):
+    """A transformers model rebuilt from a packed24 directory (dense weights, zeros restored), on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / WEIGHTS).is_file():
+        raise RoseError(f"{path} is not a packed24 directory (no {WEIGHTS})")
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = read_packed24(path)
+    stored = next(t.dtype for t in state.values() if t.is_floating_point())
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if params[k].data_ptr() not in loaded]  # tied copies (lm_head) are fine
+    if unexpected or untied:
+        raise RoseError(f"{path} does not match its config: missing {untied[:4]}, unexpected {unexpected[:4]}")
+    return model.eval()

@@ -1,0 +1,179 @@
+"""`semi-structured`: 2:4 weights for PyTorch's `SparseSemiStructuredTensor` (cuSPARSELt and CUTLASS backends).
+
+cuSPARSELt's compressed bytes are internal to the library and change between versions, so they are never
+stored: the file holds the CUTLASS layout (kept values plus reordered metadata), computed on the CPU with
+PyTorch's own pure-tensor conversion, and `load_sparse` either wraps it as it is (CUTLASS) or unpacks it and lets
+cuSPARSELt compress at load. Layers outside a backend's shape or dtype limits stay dense and are listed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rose.errors import RoseError
+
+from .source import Source, bit_equal, copy_aux, require_24
+
+BACKENDS = ("cusparselt", "cutlass")
+INDEX = "semi_structured.json"
+WEIGHTS = "model.safetensors"
+LAYOUT_VERSION = 1
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _classes() -> dict[str, type]:
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    return {"cusparselt": SparseSemiStructuredTensorCUSPARSELT, "cutlass": SparseSemiStructuredTensorCUTLASS}
+
+
+def why_not(backend: str, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
+    """None when a weight of this shape and dtype fits the backend (PyTorch's own table), else the reason."""
+    table = _classes()[backend]._DTYPE_SHAPE_CONSTRAINTS
+    if dtype not in table:
+        return f"{backend} does not take {dtype}"
+    rows, cols = table[dtype].sparse_min_rows, table[dtype].sparse_min_cols
+    m, n = shape
+    if m < rows or m % rows or n < cols or n % cols:
+        return f"{backend} needs rows a multiple of {rows} and columns a multiple of {cols}, got {m}x{n}"
+    return None
+
+
+def cutlass_pack(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept values, reordered metadata) in CUTLASS's layout; runs on CPU tensors."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    return sparse_semi_structured_from_dense_cutlass(W.contiguous())
+
+
+def cutlass_unpack(packed: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense matrix that a CUTLASS packing stands for; runs on CPU tensors."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
+
+    return sparse_semi_structured_to_dense_cutlass(packed, meta)
+
+
+def write_semi_structured(src: Source, out: Path, dtype: str = "float16") -> dict:
+    """Write half-precision weights with every CUTLASS-eligible 2:4 linear packed, each packing checked by
+    unpacking it on the CPU against the dense weight."""
+    from safetensors.torch import save_file
+
+    require_24(src, "semi-structured")
+    if dtype not in HALF:
+        raise RoseError(f"semi-structured weights must be float16 or bfloat16, not {dtype}")
+    half = HALF[dtype]
+    copy_aux(src.path, out)
+    tensors: dict[str, torch.Tensor] = {}
+    packed: list[str] = []
+    dense: dict[str, dict[str, str]] = {b: {} for b in BACKENDS}
+    for name, t in src.tensors.items():
+        t = t.to(half) if t.is_floating_point() else t
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise RoseError(f"{name} does not fit in {dtype} (values overflow): export semi-structured as bfloat16")
+        module = name[: -len(".weight")]
+        if not (name.endswith(".weight") and module in src.linears):
+            tensors[name] = t.contiguous()
+            continue
+        for backend in BACKENDS:
+            reason = why_not(backend, tuple(t.shape), half)
+            if reason:
+                dense[backend][module] = reason
+        if module in dense["cutlass"]:
+            tensors[name] = t.contiguous()
+            continue
+        values, meta = cutlass_pack(t)
+        if not bit_equal(cutlass_unpack(values, meta), t):
+            raise RoseError(f"the CUTLASS packing of {module} does not unpack to its weight: please report this")
+        tensors[f"{module}.packed"], tensors[f"{module}.meta"] = values, meta
+        packed.append(module)
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    index = {"format": "rose-semi-structured", "version": LAYOUT_VERSION, "layout": "cutlass", "dtype": dtype,
+             "torch": torch.__version__, "layers": list(src.linears), "packed": packed, "dense": dense}
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    _set_config_dtype(out / "config.json", dtype)
+    return {"dtype": dtype, "packed_layers": len(packed), "cutlass_check": "unpacked on the CPU, bit-exact",
+            "skipped": dense}
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    config = json.loads(path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_semi_structured(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(index, dense state dict) of a semi-structured directory, on the CPU: what the GPU check compares to."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / INDEX).is_file():
+        raise RoseError(f"{path} is not a semi-structured export (no {INDEX})")
+    index = json.loads((path / INDEX).read_text())
+    stored = load_file(path / WEIGHTS)
+    state = {k: v for k, v in stored.items() if not k.endswith((".packed", ".meta"))}
+    for module in index["packed"]:
+        state[f"{module}.weight"] = cutlass_unpack(stored[f"{module}.packed"], stored[f"{module}.meta"])
+    return index, state
+
+
+def _dense_model(path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if params[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise RoseError(f"{path} does not match its config: missing {untied[:4]}, unexpected {unexpected[:4]}")
+    return model.eval()
+
+
+def load_dense(path: Path, device: str = "cpu"):
+    """The same weights as plain dense tensors (zeros in place): the reference for the sparse kernels."""
+    index, state = read_semi_structured(path)
+    return _dense_model(Path(path), state, HALF[index["dtype"]]).to(device)
+
+
+def load_sparse(path: Path, device: str = "cuda", backend: str = "cusparselt"):
+    """A transformers model whose 2:4 linear weights are `SparseSemiStructuredTensor`s of `backend`.
+
+    CUTLASS wraps the stored packing as it is; cuSPARSELt compresses each weight now, on this GPU, with the
+    library version installed here. The model gets `rose_sparse` = {"backend", "sparse", "dense": {layer: why}}.
+    """
+    if backend not in BACKENDS:
+        raise RoseError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        raise RoseError(f"semi-structured 2:4 weights run only on CUDA GPUs and device {device!r} is not one "
+                        f"(CUDA available: {torch.cuda.is_available()}): use the hf or packed24 export on the CPU")
+    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
+        raise RoseError("this PyTorch build has no cuSPARSELt: use backend='cutlass'")
+    path = Path(path)
+    index, state = read_semi_structured(path)
+    from safetensors.torch import load_file
+
+    stored = load_file(path / WEIGHTS) if backend == "cutlass" else {}
+    model = _dense_model(path, state, HALF[index["dtype"]]).to(device)
+    cls = _classes()[backend]
+    sparse, dense = [], dict(index["dense"][backend])
+    for module_name in index["layers"]:
+        if module_name in dense:
+            continue
+        module = model.get_submodule(module_name)
+        W = module.weight.data
+        if backend == "cutlass":
+            tensor = cls(W.shape, packed=stored[f"{module_name}.packed"].to(device),
+                         meta=stored[f"{module_name}.meta"].to(device), packed_t=None, meta_t=None,
+                         compressed_swizzled_bitmask=None)
+        else:
+            tensor = cls.from_dense(W.contiguous())
+        module.weight = torch.nn.Parameter(tensor, requires_grad=False)
+        sparse.append(module_name)
+    model.rose_sparse = {"backend": backend, "sparse": sparse, "dense": dense}
+    return model

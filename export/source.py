@@ -1,0 +1,139 @@
+"""The pruned checkpoint an export starts from: its stored tensors, its pruned linears, and which of them are 2:4.
+
+Every format reads the same stored tensors (tied weights appear once, as `save_pretrained` wrote them), so a
+format never depends on how a model object happens to lay out its parameters.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rose.config import RECIPE_NAME, Recipe
+from rose.errors import RoseError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+MAX_NAMED = 4  # offending layers named in one error line
+
+
+@dataclass
+class Source:
+    """A pruned Hugging Face directory, read once."""
+
+    path: Path
+    config: dict
+    recipe: Recipe
+    tensors: dict[str, torch.Tensor]
+    linears: dict[str, str] = field(default_factory=dict)  # pruned linear -> "linear" or "conv1d" (stored (in, out))
+    all_linears: list[str] = field(default_factory=list)   # every linear module, pruned or not (lm_head...)
+
+    def weight(self, linear: str) -> torch.Tensor:
+        return self.tensors[f"{linear}.weight"]
+
+
+def open_source(path: Path) -> Source:
+    """Read a `rose-export prune` output; every defect of the directory is a one-line RoseError."""
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise RoseError(f"pruned directory {path} does not exist: pass the --out of `rose-export prune`")
+    if not path.is_dir():
+        raise RoseError(f"pruned directory {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise RoseError(f"{path} has no config.json: is it the output of `rose-export prune`?")
+    recipe = Recipe.load(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise RoseError(f"{path} holds no .safetensors weights: re-run `rose-export prune`")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    config = json.loads((path / "config.json").read_text())
+    linears, all_linears = _linears(path, tensors)
+    return Source(path=path, config=config, recipe=recipe, tensors=tensors, linears=linears, all_linears=all_linears)
+
+
+def _linears(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
+    """The decoder linears (the ones rose prunes) and all linears, found on a weightless copy of the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rose.arch import Conv1D, all_sublayers, is_linear
+
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    pruned = {}
+    for name, module in all_sublayers(model).items():
+        if f"{name}.weight" in tensors:
+            pruned[name] = "conv1d" if Conv1D and isinstance(module, Conv1D) else "linear"
+    return pruned, [n for n, m in model.named_modules() if is_linear(m)]
+
+
+def why_not_24(W: torch.Tensor, kind: str = "linear") -> str | None:
+    """None when W (out, in) has at least 2 zeros in every 4 consecutive inputs, else the reason."""
+    if kind != "linear":
+        return "stored transposed (Conv1D): 2:4 formats need (out, in) weights"
+    if W.dim() != 2:
+        return f"weight has {W.dim()} dimensions"
+    rows, cols = W.shape
+    if cols % 4:
+        return f"input width {cols} is not a multiple of 4"
+    zeros = (W.reshape(rows, cols // 4, 4) == 0).sum(dim=2)
+    bad = (zeros < 2).float().mean().item()
+    return None if bad == 0 else f"{bad:.1%} of its groups of 4 keep more than 2 weights"
+
+
+def not_24(src: Source) -> dict[str, str]:
+    """Pruned linear -> reason, for every one that is not 2:4."""
+    out = {}
+    for name, kind in src.linears.items():
+        reason = why_not_24(src.weight(name), kind)
+        if reason:
+            out[name] = reason
+    return out
+
+
+def require_24(src: Source, fmt: str) -> None:
+    """Refuse a 2:4 format for a checkpoint that is not 2:4, naming the offending layers."""
+    if not src.linears:
+        raise RoseError(f"{fmt} needs 2:4 linear layers, but {src.path} has none that rose prunes")
+    bad = not_24(src)
+    if bad:
+        named = ", ".join(f"{n} ({r})" for n, r in list(bad.items())[:MAX_NAMED])
+        more = f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
+        raise RoseError(f"format {fmt} needs 2:4 weights, but {len(bad)} of {len(src.linears)} pruned layers are "
+                        f"not 2:4: {named}{more}; prune with --sparsity 2:4 or drop {fmt} from --formats")
+
+
+def copy_aux(src_dir: Path, dst: Path) -> None:
+    """Copy everything but the weights (config, generation config, tokenizer, recipe) so each format stands alone."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src_dir).iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WEIGHT_INDEXES:
+            shutil.copy2(f, dst / f.name)
+
+
+def copy_all(src_dir: Path, dst: Path) -> None:
+    """The `hf` format of an existing pruned directory: its files as they are."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src_dir).iterdir()):
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+    if not (dst / RECIPE_NAME).is_file():  # pragma: no cover - open_source already demands it
+        raise RoseError(f"{src_dir} has no {RECIPE_NAME}")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a floating tensor as integers, for bit-exact comparisons."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a.contiguous()), bits(b.contiguous()))
