@@ -3,6 +3,8 @@
 `export_all(pruned_dir, out, formats, overwrite)` exports an existing `rose-export prune` output;
 `prune_and_export(model, cfg, out, formats, overwrite)` prunes first. Both validate every input before any
 expensive work, build all formats in a temporary sibling of `out`, and move it into place only when complete.
+`dtype` (float32, float16, bfloat16; None keeps the checkpoint's) applies to `hf` and `packed24`; the ONNX formats
+are always fp32 and `semi-structured` has its own `semi_dtype`.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from rose.errors import RoseError
 from rose.outputs import atomic_output, check_output
 
 from . import manifest as mf
-from .source import Source, copy_all, copy_aux, not_24, open_source, require_24
+from .source import DTYPES, Source, cast, copy_all, copy_aux, dtype_name, not_24, open_source, require_24, write_hf
 
 log = logging.getLogger(__name__)
 
@@ -51,45 +53,56 @@ def resolve_formats(src: Source, formats: list[str] | None) -> list[str]:
     return formats
 
 
+def check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise RoseError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+
+
 def export_all(pruned_dir: Path, out: Path, formats: str | Iterable[str] | None = None, overwrite: bool = False,
-               *, semi_dtype: str = "float16") -> dict[str, Any]:
+               *, semi_dtype: str = "float16", dtype: str | None = None) -> dict[str, Any]:
     """Export a pruned directory into `out/<format>/` plus `out/manifest.json`; returns the manifest."""
     wanted = parse_formats(formats)
+    check_dtype(dtype)
     src = open_source(pruned_dir)
     check_output(out, overwrite)
     if Path(out).expanduser().absolute() == src.path.absolute():
         raise RoseError("--out must differ from --pruned")
     fmts = resolve_formats(src, wanted)
     with atomic_output(out, overwrite) as tmp:
-        manifest = _export_into(src, tmp, fmts, semi_dtype=semi_dtype)
+        manifest = _export_into(src, tmp, fmts, semi_dtype=semi_dtype, dtype=dtype)
     return manifest
 
 
 def prune_and_export(model_name: str, cfg: PruneConfig, out: Path, formats: str | Iterable[str] | None = None,
-                     overwrite: bool = False, *, progress: bool = True, semi_dtype: str = "float16"
-                     ) -> dict[str, Any]:
-    """Prune `model_name` with `cfg`, then export it like `export_all`; the pruned checkpoint is the `hf` format."""
+                     overwrite: bool = False, *, progress: bool = True, semi_dtype: str = "float16",
+                     dtype: str | None = None) -> dict[str, Any]:
+    """Prune `model_name` with `cfg`, then export it like `export_all`; the pruned checkpoint is the `hf` format
+    (saved as it is, or kept aside and cast when `dtype` differs from the model's)."""
     from rose import api
 
     wanted = parse_formats(formats)
+    check_dtype(dtype)
     needs = [f for f in wanted or () if f in NEEDS_24]
     if needs and str(cfg.sparsity) != "2:4":
         raise RoseError(f"format {needs[0]} needs --sparsity 2:4 (got {cfg.sparsity}): change one or the other")
     check_output(out, overwrite)
     model, tokenizer, recipe = api.prune(model_name, cfg, progress=progress)
     with atomic_output(out, overwrite) as tmp:
-        hf = tmp / ("hf" if wanted is None or "hf" in wanted else f"{SCRATCH}/hf")
+        keep = wanted is None or "hf" in wanted
+        in_place = keep and dtype in (None, str(model.dtype).replace("torch.", ""))
+        hf = tmp / ("hf" if in_place else f"{SCRATCH}/hf")
         api.save_pruned(model, tokenizer, recipe, hf)
         del model
         src = open_source(hf)
         fmts = resolve_formats(src, wanted)
-        label = "hf (pruned by this run)" if "hf" in fmts else "pruned by this run (not kept)"
-        manifest = _export_into(src, tmp, fmts, semi_dtype=semi_dtype, hf_in_place=True, label=label)
+        label = "hf (pruned by this run)" if keep else "pruned by this run (not kept)"
+        manifest = _export_into(src, tmp, fmts, semi_dtype=semi_dtype, dtype=dtype, hf_in_place=in_place,
+                                label=label)
     return manifest
 
 
-def _export_into(src: Source, tmp: Path, fmts: list[str], *, semi_dtype: str, hf_in_place: bool = False,
-                 label: str | None = None) -> dict[str, Any]:
+def _export_into(src: Source, tmp: Path, fmts: list[str], *, semi_dtype: str, dtype: str | None = None,
+                 hf_in_place: bool = False, label: str | None = None) -> dict[str, Any]:
     """Write every format into `tmp`, verify each, and finish with manifest.json."""
     from .packed24 import write_packed24
     from .semi_structured import write_semi_structured
@@ -97,17 +110,20 @@ def _export_into(src: Source, tmp: Path, fmts: list[str], *, semi_dtype: str, hf
     infos: dict[str, dict[str, Any]] = {}
     skipped: dict[str, Any] = {}
     parity: dict[str, Any] = {}
+    cast_src = cast(src, dtype) if {"hf", "packed24"} & set(fmts) else src  # what hf and packed24 store
     for fmt in fmts:
         if fmt.startswith("onnx"):
             continue
         log.info("export: %s", fmt)
         start = time.perf_counter()
         if fmt == "hf":
-            if not hf_in_place:
+            if cast_src is not src:
+                write_hf(cast_src, tmp / "hf")
+            elif not hf_in_place:
                 copy_all(src.path, tmp / "hf")
-            infos[fmt] = {"dtype": str(next(iter(src.tensors.values())).dtype).replace("torch.", "")}
+            infos[fmt] = {"dtype": dtype_name(cast_src)}
         elif fmt == "packed24":
-            infos[fmt] = write_packed24(src, tmp / fmt)
+            infos[fmt] = write_packed24(cast_src, tmp / fmt)
             parity[fmt] = {"round_trip": infos[fmt].pop("round_trip")}
         elif fmt == "semi-structured":
             infos[fmt] = write_semi_structured(src, tmp / fmt, semi_dtype)
@@ -118,7 +134,7 @@ def _export_into(src: Source, tmp: Path, fmts: list[str], *, semi_dtype: str, hf
     if onnx_fmts:
         _export_onnx(src, tmp, onnx_fmts, infos, skipped, parity)
     shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
-    source = {"path": label or str(src.path.absolute()), "model": src.recipe.model,
+    source = {"path": label or str(src.path.absolute()), "model": src.recipe.model, "dtype": dtype_name(src),
               "method": src.recipe.config.get("method"), "sparsity": src.recipe.config.get("sparsity"),
               "pruned_layers": len(src.linears), "layers_not_24": len(not_24(src))}
     manifest = mf.build(tmp, source, {f: infos[f] for f in fmts}, skipped, parity)

@@ -29,6 +29,9 @@ def _common(f):
         click.option("--out", type=click.Path(path_type=Path), required=True,
                      help="Output directory: one subdirectory per format plus manifest.json."),
         click.option("--formats", default=None, help=FORMATS_HELP),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+                     help="Precision of the hf and packed24 weights [default: the checkpoint's]; "
+                          "the ONNX formats are always float32."),
         click.option("--semi-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16",
                      show_default=True, help="Precision of the semi-structured weights."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
@@ -43,24 +46,25 @@ def _common(f):
 @click.option("--pruned", type=click.Path(path_type=Path), required=True,
               help="A directory written by `rose-export prune`.")
 @_common
-def export_cmd(pruned, out, formats, semi_dtype, overwrite, quiet) -> None:
+def export_cmd(pruned, out, formats, dtype, semi_dtype, overwrite, quiet) -> None:
     """Export an existing pruned checkpoint to deployable formats, each verified, written atomically."""
     from .api import export_all
 
     _setup_logging(quiet)
-    manifest = export_all(pruned, out, formats, overwrite, semi_dtype=semi_dtype)
+    manifest = export_all(pruned, out, formats, overwrite, semi_dtype=semi_dtype, dtype=dtype)
     _summary(manifest, out)
 
 
 @main.command("prune-and-export")
 @prune_options
 @_common
-def prune_and_export_cmd(model, out, formats, semi_dtype, overwrite, quiet, **opts) -> None:
+def prune_and_export_cmd(model, out, formats, dtype, semi_dtype, overwrite, quiet, **opts) -> None:
     """Prune MODEL and write everything needed to deploy it: hf, packed24, semi-structured, onnx,
     onnx-packed24, and manifest.json with sizes, hashes, skipped layers and parity results."""
     from .api import prune_and_export
 
     _setup_logging(quiet)
     cfg = make_config(**opts)
-    manifest = prune_and_export(model, cfg, out, formats, overwrite, progress=not quiet, semi_dtype=semi_dtype)
+    manifest = prune_and_export(model, cfg, out, formats, overwrite, progress=not quiet, semi_dtype=semi_dtype,
+                                dtype=dtype)
     _summary(manifest, out)

@@ -16,7 +16,7 @@ import torch
 
 from rose.errors import RoseError
 
-from .source import Source, bit_equal, bits, copy_aux, require_24
+from .source import Source, bit_equal, bits, copy_aux, dtype_name, require_24, set_config_dtype
 
 FORMAT = "sparse-24-bitmask"
 LEGACY_VERSION = "0.14.0.1"  # the last compressed-tensors release that reads and writes sparse-24-bitmask
@@ -61,7 +61,8 @@ def _sparsity_config(src: Source, packed: list[str]) -> dict:
 
 
 def write_packed24(src: Source, out: Path) -> dict:
-    """Write the packed checkpoint into `out` and check that it reads back bit-exactly."""
+    """Write the packed checkpoint of `src` (cast first with `source.cast` for fp16/bf16) into `out` and check that
+    it reads back bit-exactly: `compressed` keeps the tensors' dtype."""
     from safetensors.torch import save_file
 
     require_24(src, "packed24")
@@ -78,7 +79,7 @@ def write_packed24(src: Source, out: Path) -> dict:
         else:
             tensors[name] = t.contiguous()
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
+    config = set_config_dtype(json.loads((out / "config.json").read_text()), dtype_name(src))
     config["quantization_config"] = {"quant_method": "compressed-tensors", "version": LEGACY_VERSION,
                                      "sparsity_config": _sparsity_config(src, packed), "transform_config": {}}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -87,7 +88,7 @@ def write_packed24(src: Source, out: Path) -> dict:
     if mismatched or set(back) != set(src.tensors):
         raise RoseError(f"packed24 round trip is not bit-exact for {mismatched[:4] or 'the tensor names'}: "
                         f"please report this")
-    return {"packed_layers": len(packed), "round_trip": "bit-exact"}
+    return {"dtype": dtype_name(src), "packed_layers": len(packed), "round_trip": "bit-exact"}
 
 
 def read_packed24(path: Path) -> dict[str, torch.Tensor]:

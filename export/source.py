@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from rose.errors import RoseError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_NAMED = 4  # offending layers named in one error line
 
 
@@ -110,6 +111,47 @@ def require_24(src: Source, fmt: str) -> None:
         more = f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
         raise RoseError(f"format {fmt} needs 2:4 weights, but {len(bad)} of {len(src.linears)} pruned layers are "
                         f"not 2:4: {named}{more}; prune with --sparsity 2:4 or drop {fmt} from --formats")
+
+
+def dtype_name(src: Source) -> str:
+    """The dtype of the checkpoint's floating tensors ("float32", ...), as save_pretrained writes it."""
+    dtypes = {t.dtype for t in src.tensors.values() if t.is_floating_point()}
+    return "mixed" if len(dtypes) != 1 else str(dtypes.pop()).replace("torch.", "")
+
+
+def cast(src: Source, dtype: str | None) -> Source:
+    """`src` with every floating tensor in `dtype`; `src` itself when dtype is None or already the stored one.
+
+    0 casts to 0 (and -0.0 to -0.0), so a 2:4 weight stays 2:4; a value outside the target's range would become
+    infinite, and is refused."""
+    if dtype is None or dtype_name(src) == dtype:
+        return src
+    target = DTYPES[dtype]
+    tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in src.tensors.items()}
+    overflow = [k for k, t in tensors.items() if t.is_floating_point()
+                and int(torch.isinf(t).sum()) > int(torch.isinf(src.tensors[k]).sum())]
+    if overflow:
+        raise RoseError(f"{overflow[0]} has values outside {dtype}'s range: choose --dtype bfloat16 or float32")
+    return replace(src, tensors=tensors)
+
+
+def set_config_dtype(config: dict, dtype: str) -> dict:
+    """Record the weights' dtype in a config.json dict (transformers 5 reads `dtype`, older ones `torch_dtype`)."""
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    return config
+
+
+def write_hf(src: Source, out: Path) -> None:
+    """The `hf` format from (cast) tensors: one model.safetensors plus every non-weight file, config dtype updated."""
+    from safetensors.torch import save_file
+
+    copy_aux(src.path, out)
+    save_file({k: t.contiguous() for k, t in src.tensors.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    config = set_config_dtype(json.loads((out / "config.json").read_text()), dtype_name(src))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def copy_aux(src_dir: Path, dst: Path) -> None:

@@ -164,6 +164,44 @@ def test_packed24_round_trip_bit_exact(exported, pruned24):
         assert torch.equal(model(ids).logits, ref)
 
 
+def test_half_precision_hf_and_packed24(pruned24, tmp_path):
+    from export.packed24 import load_packed24, read_packed24
+    from export.source import bit_equal
+    from rose.masks import is_nm
+
+    out = tmp_path / "out"
+    r = run("export", "--pruned", pruned24, "--out", out, "--formats", "hf,packed24", "--dtype", "float16", "-q")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["dtype"] == "float32"
+    assert {f: i["dtype"] for f, i in manifest["formats"].items()} == {"hf": "float16", "packed24": "float16"}
+    assert manifest["parity"]["packed24"] == {"round_trip": "bit-exact"}  # against the fp16 tensors
+    source, hf = stored(pruned24), stored(out / "hf")
+    assert hf.keys() == source.keys() and all(bit_equal(hf[k], source[k].half()) for k in source)
+    back = read_packed24(out / "packed24")
+    assert back.keys() == hf.keys() and all(bit_equal(back[k], hf[k]) for k in hf)
+    linears = [k for k in source if ".layers." in k and k.endswith("proj.weight")]
+    assert len(linears) == 14 and all(is_nm(hf[k], 2, 4) and is_nm(back[k], 2, 4) for k in linears)
+    for fmt in ("hf", "packed24"):
+        assert json.loads((out / fmt / "config.json").read_text())["dtype"] == "float16"
+    size = {fmt: (out / fmt / "model.safetensors").stat().st_size for fmt in ("hf", "packed24")}
+    assert size["hf"] < 0.51 * (pruned24 / "model.safetensors").stat().st_size
+    assert size["packed24"] <= 0.6 * size["hf"]
+    assert load_packed24(out / "packed24").dtype == torch.float16
+
+
+def test_half_precision_refuses_overflow(pruned24):
+    from export.source import cast, open_source
+
+    src = open_source(pruned24)
+    name = "model.layers.0.mlp.up_proj.weight"
+    src.tensors[name] = src.tensors[name].clone()
+    src.tensors[name][0, 0] = 1e6
+    assert cast(src, "bfloat16").tensors[name].dtype == torch.bfloat16 and cast(src, "float32") is src
+    with pytest.raises(RoseError, match=f"{name} has values outside float16's range"):
+        cast(src, "float16")
+
+
 def test_packed24_readable_by_legacy_compressed_tensors(exported, pruned24):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
@@ -418,6 +456,33 @@ def test_prune_and_export_cli(tmp_path, calib_file):
     no_leftovers(tmp_path)
     r = run("prune-and-export", "--model", tiny, "--sparsity", "0.5", "--out", tmp_path / "o2", "--formats", "packed24")
     one_line_error(r, "needs --sparsity 2:4")
+
+
+def test_prune_and_export_dtype_leaves_onnx_fp32(tmp_path, calib_file):
+    import onnx
+    from onnx import numpy_helper
+
+    tiny = tmp_path / "tiny"
+    tiny_model("llama", hidden=64, inter=128).save_pretrained(tiny)
+    char_tokenizer().save_pretrained(tiny)
+    out = tmp_path / "out"
+    r = run("prune-and-export", "--model", tiny, "--method", "magnitude", "--sparsity", "2:4", "--calib", calib_file,
+            "--nsamples", 2, "--seqlen", 16, "--out", out, "--formats", "hf,packed24,onnx", "--dtype", "bfloat16",
+            "-q")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "manifest.json", "onnx", "packed24"]
+    assert manifest["source"]["dtype"] == "float32" and manifest["source"]["path"] == "hf (pruned by this run)"
+    assert manifest["formats"]["hf"]["dtype"] == manifest["formats"]["packed24"]["dtype"] == "bfloat16"
+    hf = stored(out / "hf")
+    assert all(t.dtype == torch.bfloat16 for t in hf.values())
+    name = "model.layers.0.mlp.up_proj.weight"
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / "onnx" / "model.onnx")).graph.initializer}
+    assert inits[name].dtype == np.float32  # exported from the fp32 weights, not from the bf16 copy
+    assert np.array_equal(inits[name] == 0, (hf[name] == 0).numpy())
+    assert not np.array_equal(inits[name], hf[name].float().numpy())
+    assert manifest["parity"]["onnx"]["greedy_identical"] and manifest["parity"]["onnx"]["max_abs_logits"] <= 1e-3
+    no_leftovers(tmp_path)
 
 
 # ---- end to end on the embedded model ------------------------------------------------------------------------
