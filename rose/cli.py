@@ -174,6 +174,7 @@ def eval_cmd(model, data, seqlen, max_tokens, device, as_json) -> None:
 
 
 import export.cli  # noqa: E402,F401  (attaches `export` and `prune-and-export` to `main`)
+import runtime_bench.cli  # noqa: E402,F401  (attaches `bench linear` and `bench model` to `main`)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,229 @@
+"""runtime_bench on the CPU: every CPU backend runs (linear and end to end on a tiny 2:4 export), results.json
+carries the documented fields, the correctness gate rejects a deliberately wrong backend, and every bad input is
+a one-line error with exit code 2. Tiny shapes, few iterations: timings here prove plumbing, not speed."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rose.cli import main
+
+from conftest import char_tokenizer, tiny_model
+
+CPU_BACKENDS = ["torch-cpu", "onnx-cpu", "onnx-packed24-cpu"]
+CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda"]
+STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cpu_model"]
+FAST = ["--iters", "2", "--warmup", "1"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA pruned 2:4 by magnitude and exported as hf, onnx and onnx-packed24."""
+    from rose import api
+    from rose.config import PruneConfig, Sparsity
+
+    root = tmp_path_factory.mktemp("bench")
+    tiny = root / "tiny"
+    tiny_model("llama", hidden=64, inter=128).save_pretrained(tiny)
+    char_tokenizer().save_pretrained(tiny)
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(f"Line {i} of the calibration text, {i * 3}." for i in range(60)) + "\n")
+    cfg = PruneConfig(method="magnitude", sparsity=Sparsity.parse("2:4"), calib=str(calib), nsamples=2, seqlen=16)
+    model, tok, recipe = api.prune(str(tiny), cfg, progress=False)
+    api.save_pruned(model, tok, recipe, root / "pruned")
+    ok(run("export", "--pruned", root / "pruned", "--out", root / "exp", "--formats", "hf,onnx,onnx-packed24", "-q"))
+    return root / "exp"
+
+
+def results(out: Path) -> dict:
+    assert (out / "results.md").is_file()
+    return json.loads((out / "results.json").read_text())
+
+
+def by_backend(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r["backend"], []).append(r)
+    return out
+
+
+def assert_skipped_cuda(doc: dict):
+    if not torch.cuda.is_available():
+        assert set(CUDA_BACKENDS) <= set(doc["skipped"]) and all(doc["skipped"][b] for b in CUDA_BACKENDS)
+        assert all(not doc["backends"][b]["available"] for b in CUDA_BACKENDS)
+
+
+# ---- bench linear --------------------------------------------------------------------------------------------
+
+def test_linear_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
+    out = tmp_path / "lin"
+    ok(run("bench", "linear", "--model", export_dir, "--shapes", "128x64", "--tokens", "1,4", "--dtypes", "fp32",
+           "--threads", "1", "--no-rss", *FAST, "--out", out))
+    doc = results(out)
+    assert doc["benchmark"] == "linear" and doc["environment"]["threads"] == 1
+    assert_skipped_cuda(doc)
+    recs = by_backend(doc["records"])
+    assert set(CPU_BACKENDS) <= set(recs)
+    for name in CPU_BACKENDS:
+        assert [r["tokens"] for r in recs[name]] == [1, 4]
+        for r in recs[name]:
+            assert r["status"] == "ok" and r["shape"] == [128, 64] and r["layers"] == ["mlp.gate_proj", "mlp.up_proj"]
+            assert r["dtype"] == "fp32" and r["batch"] == 1 and r["device"] == "cpu" and r["runs"] == 2
+            assert r["median_ms"] > 0 and r["iqr_ms"] >= 0 and len(r["times_ms"]) == 2
+            assert r["error"] <= r["tolerance"] == 1e-5 and r["weight_bytes"] == 128 * 64 * 4
+            assert all(k in r for k in STAMP) and r["device_name"] == doc["environment"]["cpu_model"]
+        one = next(r for r in recs[name] if r["tokens"] == 1)
+        assert one["weight_gbs"] > 0 and one["copy_gbs"] > 0
+    packed = recs["onnx-packed24-cpu"][0]
+    assert packed["baseline"] == "onnx-cpu" and packed["median_ms_ratio"] > 0
+    assert packed["weight_file_bytes"] < recs["onnx-cpu"][0]["weight_file_bytes"]
+    assert (out / "speedup_128x64.png").is_file() and (out / "latency_fp32.png").is_file()
+    assert "dense/sparse" in (out / "results.md").read_text()
+
+
+def test_linear_half_dtypes_gate_or_skip(tmp_path):
+    out = tmp_path / "half"
+    ok(run("bench", "linear", "--shapes", "32x64", "--tokens", "2", "--dtypes", "fp16,bf16", "--backends",
+           ",".join(CPU_BACKENDS), "--no-rss", *FAST, "--out", out))
+    for r in results(out)["records"]:
+        assert r["status"] in ("ok", "skipped"), r
+        if r["status"] == "ok":
+            assert r["tolerance"] == 1e-2 and r["error"] <= 1e-2
+        else:
+            assert r["reason"]
+    onnx_bf16 = [r for r in results(out)["records"] if r["backend"] == "onnx-cpu" and r["dtype"] == "bf16"]
+    assert onnx_bf16[0]["status"] == "skipped" and "bfloat16" in onnx_bf16[0]["reason"]
+
+
+def test_presets_cover_the_issue_and_give_llama_shapes():
+    from runtime_bench.presets import PRESETS, preset_shapes
+
+    assert {"llama-2-7b", "llama-2-13b", "llama-3-8b", "mistral-7b", "llama-2-70b", "smollm2-135m"} <= set(PRESETS)
+    assert preset_shapes("llama-2-7b") == {(4096, 4096): ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           (11008, 4096): ["gate_proj", "up_proj"], (4096, 11008): ["down_proj"]}
+    assert (1024, 4096) in preset_shapes("llama-3-8b") and (1024, 8192) in preset_shapes("llama-2-70b")
+    assert preset_shapes("smollm2-135m")[(192, 576)] == ["k_proj", "v_proj"]
+
+
+class _WrongLinear:
+    """Test double: a 'sparse kernel' that forgets a sliver of the mask (relative error ~1e-3)."""
+
+    @staticmethod
+    def build(W, dtype, threads):
+        from runtime_bench.backends import LinearOp
+
+        Wd = (W + (W == 0) * 1e-3).to(dtype)
+        return LinearOp(fn=lambda x: torch.nn.functional.linear(x, Wd), to_input=lambda x: x.to(dtype),
+                        to_output=lambda y: y.float(), weight_bytes=Wd.nbytes)
+
+
+def test_gate_rejects_a_wrong_backend(monkeypatch, tmp_path):
+    from runtime_bench.backends import BACKENDS, Backend
+
+    wrong = Backend("wrong-cpu", "cpu", True, "torch-cpu", lambda: None, _WrongLinear.build, None, "test double")
+    monkeypatch.setitem(BACKENDS, "wrong-cpu", wrong)
+    out = tmp_path / "gate"
+    ok(run("bench", "linear", "--shapes", "32x64", "--tokens", "1,3", "--dtypes", "fp32", "--backends",
+           "torch-cpu,wrong-cpu", "--no-rss", *FAST, "--out", out))
+    recs = by_backend(results(out)["records"])
+    assert all(r["status"] == "ok" and "median_ms" in r for r in recs["torch-cpu"])
+    for r in recs["wrong-cpu"]:
+        assert r["status"] == "wrong" and r["error"] > r["tolerance"] and "median_ms" not in r
+        assert "median_ms_ratio" not in r
+    assert "**wrong**" in (out / "results.md").read_text()
+
+
+# ---- bench model ---------------------------------------------------------------------------------------------
+
+def test_model_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
+    out = tmp_path / "model"
+    ok(run("bench", "model", "--pruned", export_dir, "--prompt-lens", "3,5", "--batch", "1,2", "--decode-tokens",
+           "2", "--threads", "1", *FAST, "--out", out))
+    doc = results(out)
+    assert doc["benchmark"] == "model" and set(doc["formats_bytes"]) == {"hf", "onnx", "onnx-packed24"}
+    assert_skipped_cuda(doc)
+    recs = by_backend(doc["records"])
+    for name in CPU_BACKENDS:
+        assert sorted((r["batch"], r["tokens"]) for r in recs[name]) == [(1, 3), (1, 5), (2, 3), (2, 5)]
+        for r in recs[name]:
+            assert r["status"] == "ok" and r["dtype"] == "fp32" and r["decode_tokens"] == 2
+            assert r["error"] <= r["tolerance"] == 1e-4
+            for key in ("prefill_ms", "prefill_iqr_ms", "ttft_ms", "decode_ms", "decode_tokens_per_s",
+                        "median_ms", "iqr_ms", "weight_bytes", "peak_rss_bytes"):
+                assert r[key] is not None and r[key] >= 0, key
+            assert all(k in r for k in STAMP)
+    for r in recs["onnx-packed24-cpu"]:
+        assert r["baseline"] == "onnx-cpu" and r["prefill_ms_ratio"] > 0 and r["decode_tokens_per_s_ratio"] > 0
+    assert (out / "latency_prefill.png").is_file() and (out / "decode_tokens_per_s.png").is_file()
+
+
+def test_model_random_preset_and_onnx_needs_an_export(tmp_path):
+    out = tmp_path / "random"
+    ok(run("bench", "model", "--config", "tiny", "--random", "--layers", "1", "--prompt-lens", "4",
+           "--decode-tokens", "2", "--backends", "torch-cpu,onnx-cpu", "--no-rss", *FAST, "--out", out))
+    recs = by_backend(results(out)["records"])
+    assert recs["torch-cpu"][0]["status"] == "ok" and recs["torch-cpu"][0]["error"] == 0.0
+    assert recs["onnx-cpu"][0]["status"] == "skipped" and "--pruned" in recs["onnx-cpu"][0]["reason"]
+
+
+def test_linear_peak_rss_comes_from_a_fresh_process():
+    from runtime_bench.memory import peak_rss
+
+    rss = peak_rss({"kind": "linear", "backend": "onnx-packed24-cpu", "shape": [64, 128], "dtype": "fp32",
+                    "tokens": 4, "seed": 0, "threads": 1})
+    assert rss["peak_rss_bytes"] >= rss["rss_before_build_bytes"] > 0, rss
+    assert peak_rss({"kind": "linear", "backend": "no-such", "shape": [8, 8], "dtype": "fp32", "tokens": 1,
+                     "seed": 0, "threads": 1})["rss_error"].startswith("exit 1")
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+
+def test_timing_interleaves_and_summarizes():
+    from runtime_bench.timing import Timed, interleaved
+
+    calls = []
+    stats = interleaved({"a": Timed(lambda _: calls.append("a")), "b": Timed(lambda s: calls.append(s),
+                                                                               setup=lambda: "b")}, warmup=1, iters=3)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-up, then rounds in rotating order
+    assert stats["a"]["runs"] == 3 and stats["a"]["min_ms"] <= stats["a"]["median_ms"] <= stats["a"]["max_ms"]
+
+
+# ---- one-line errors -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["linear", "--preset", "tiny", "--backends", "torch-cpu,nope"], "unknown backend 'nope'"),
+    (["linear", "--preset", "llama-9b"], "unknown preset 'llama-9b'"),
+    (["linear", "--preset", "tiny", "--shapes", "999x64"], "unknown shape 999x64"),
+    (["linear", "--shapes", "12by64"], "unknown shape '12by64'"),
+    (["linear", "--preset", "tiny", "--tokens", "0,8"], "--tokens must be integers >= 1, got 0"),
+    (["linear", "--preset", "tiny", "--tokens", "-3"], "--tokens must be integers >= 1, got -3"),
+    (["linear", "--preset", "tiny", "--dtypes", "fp8"], "unknown dtype 'fp8'"),
+    (["linear"], "choose one source of shapes"),
+    (["model", "--pruned", "/nonexistent/pruned"], "does not exist"),
+    (["model", "--config", "tiny", "--random", "--prompt-lens", "0"], "--prompt-lens must be integers >= 1"),
+    (["model", "--config", "tiny", "--random", "--batch", "0"], "--batch must be integers >= 1"),
+    (["model", "--config", "nope", "--random"], "unknown preset 'nope'"),
+    (["model", "--config", "tiny"], "--config PRESET --random"),
+    (["model", "--config", "tiny", "--random", "--backends", "cuda-magic"], "unknown backend 'cuda-magic'"),
+])
+def test_bad_inputs_are_one_line_errors(args, fragment, tmp_path):
+    one_line_error(run("bench", *args, "--out", tmp_path / "never"), fragment)
+    assert not (tmp_path / "never").exists()
