@@ -25,9 +25,9 @@ $(BIN)/rose-export: pyproject.toml
 install: $(BIN)/rose-export
 
 demo: install
-	$(BIN)/rose-export prune --method rose --sparsity 2:4 --calib $(DATA)/valid.tokens.txt --nsamples 64 \
-	  --seqlen 512 --eval --eval-data $(DATA)/test.raw.txt --eval-seqlen 512 --max-tokens 65536 \
-	  --out $(OUT) --overwrite
+	$(BIN)/rose-export prune-and-export --method rose --sparsity 2:4 --calib $(DATA)/valid.tokens.txt \
+	  --nsamples 64 --seqlen 512 --out $(OUT) --overwrite
+	$(BIN)/rose-export eval --model $(OUT)/hf --data $(DATA)/test.raw.txt --seqlen 512 --max-tokens 65536
 
 test: install
 	$(BIN)/python -m pytest -q

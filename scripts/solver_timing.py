@@ -1,0 +1,82 @@
+"""Pruning cost of SparseGPT, ROSE and `--order best`, measured side by side in one process.
+
+Calibration statistics are collected once from the dense model (every decoder layer, dense inputs), then each
+method solves every sublayer, the methods interleaved per sublayer so that machine load hits them alike.
+Reports seconds per method and pattern and the ratio to SparseGPT. Usage:
+    python scripts/solver_timing.py --calib ../shared/data/wikitext2/valid.tokens.txt --out timing.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from rose.arch import decoder_layers, get_weight, linear_sublayers
+from rose.calibrate import capture_inputs
+from rose.config import PruneConfig, Sparsity, versions
+from rose.data import calibration_windows
+from rose.methods import prune_weight
+from rose.models import load_model
+from rose.offload import calibration_mode
+from rose.stats import InputStats
+
+VARIANTS = {"sparsegpt": dict(method="sparsegpt"), "rose": dict(method="rose"),
+            "rose --order best": dict(method="rose", order="best")}
+
+
+def collect(model, calib):
+    """(name, W, stats) for every sublayer, statistics taken on dense inputs."""
+    out = []
+    with calibration_mode(model):
+        inputs, kwargs = capture_inputs(model, calib, "cpu")
+        for idx, layer in enumerate(decoder_layers(model)):
+            subs = linear_sublayers(model, layer)
+            stats = {n: InputStats(get_weight(m).shape[1], "cpu") for n, m in subs.items()}
+            hooks = [m.register_forward_hook(lambda mod, a, o, s=stats[n]: s.add(a[0])) for n, m in subs.items()]
+            outs = []
+            for x in inputs:
+                y = layer(x, **kwargs)
+                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+            for h in hooks:
+                h.remove()
+            out += [(f"{idx}.{n}", get_weight(m).float().clone(), stats[n]) for n, m in subs.items()]
+            inputs = outs
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--patterns", default="0.5,0.7,4:8,2:4")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    model, tok = load_model(args.model)
+    subs = collect(model, calibration_windows(tok, args.calib, args.nsamples, args.seqlen, 0))
+    rows = []
+    for pattern in args.patterns.split(","):
+        seconds = {v: 0.0 for v in VARIANTS}
+        for _, W, st in subs:
+            for v, kw in VARIANTS.items():
+                cfg = PruneConfig(sparsity=Sparsity.parse(pattern), **kw)
+                t0 = time.perf_counter()
+                prune_weight(W, st, cfg)
+                seconds[v] += time.perf_counter() - t0
+        for v, s in seconds.items():
+            rows.append({"pattern": pattern, "variant": v, "seconds": round(s, 2),
+                         "vs_sparsegpt": round(s / seconds["sparsegpt"], 2)})
+    result = {"model": args.model, "sublayers": len(subs), "threads": torch.get_num_threads(),
+              "versions": versions(), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("| pattern | variant | solver seconds (all sublayers) | vs SparseGPT |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pattern']} | {r['variant']} | {r['seconds']:.1f} | {r['vs_sparsegpt']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
