@@ -2,7 +2,9 @@
 
 Calibration statistics are collected once from the dense model (every decoder layer, dense inputs), then each
 method solves every sublayer, the methods interleaved per sublayer so that machine load hits them alike.
-Reports seconds per method and pattern and the ratio to SparseGPT. Usage:
+Reports seconds per method and pattern and the ratio to SparseGPT, and the time of the statistics pass that
+every method shares (a full pruning run makes it twice per layer: collect, then propagate the pruned outputs).
+Usage:
     python scripts/solver_timing.py --calib ../shared/data/wikitext2/valid.tokens.txt --out timing.json
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ from rose.models import load_model
 from rose.offload import calibration_mode
 from rose.stats import InputStats
 
-VARIANTS = {"sparsegpt": dict(method="sparsegpt"), "rose": dict(method="rose"),
+VARIANTS = {"magnitude": dict(method="magnitude"), "wanda": dict(method="wanda"),
+            "sparsegpt": dict(method="sparsegpt"), "rose": dict(method="rose"),
             "rose --order best": dict(method="rose", order="best")}
 
 
@@ -56,7 +59,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model, tok = load_model(args.model)
-    subs = collect(model, calibration_windows(tok, args.calib, args.nsamples, args.seqlen, 0))
+    calib = calibration_windows(tok, args.calib, args.nsamples, args.seqlen, 0)
+    t0 = time.perf_counter()
+    subs = collect(model, calib)
+    collect_s = time.perf_counter() - t0
     rows = []
     for pattern in args.patterns.split(","):
         seconds = {v: 0.0 for v in VARIANTS}
@@ -70,9 +76,13 @@ def main() -> None:
             rows.append({"pattern": pattern, "variant": v, "seconds": round(s, 2),
                          "vs_sparsegpt": round(s / seconds["sparsegpt"], 2)})
     result = {"model": args.model, "sublayers": len(subs), "threads": torch.get_num_threads(),
+              "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen,
+                              "statistics_pass_seconds": round(collect_s, 2)},
               "versions": versions(), "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    print(f"statistics pass (one forward of every layer with hooks, {args.nsamples} x {args.seqlen} tokens): "
+          f"{collect_s:.1f} s")
     print("| pattern | variant | solver seconds (all sublayers) | vs SparseGPT |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['pattern']} | {r['variant']} | {r['seconds']:.1f} | {r['vs_sparsegpt']:.2f}x |")

@@ -79,3 +79,20 @@ def correlated_inputs(columns: int, tokens: int, seed: int = 0) -> torch.Tensor:
 
 def hessian(X: torch.Tensor) -> torch.Tensor:
     return 2.0 / X.shape[0] * X.T @ X
+
+
+def run_cli(*args):
+    """Invoke `rose-export` in-process with string arguments."""
+    from click.testing import CliRunner
+
+    from rose.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, fragment: str) -> None:
+    """The CLI's contract for bad input: exit code 2 and exactly one line, `Error: ...`, naming the problem."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert fragment in lines[0], lines[0]

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from rose.cli import main
 
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, tiny_model, one_line_error, run_cli as run
 
 CPU_BACKENDS = ["torch-cpu", "onnx-cpu", "onnx-packed24-cpu"]
 CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda"]
@@ -18,20 +16,9 @@ STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cp
 FAST = ["--iters", "2", "--warmup", "1"]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def ok(result):
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
-
-
-def one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,11 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from rose.cli import main
 from rose.masks import is_nm
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert fragment in lines[0], lines[0]
+from conftest import one_line_error, run_cli as run
 
 
 def prune_args(model_dir, calib_file, out, *extra):

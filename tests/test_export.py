@@ -8,27 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from rose.cli import main
 from rose.config import PruneConfig, Sparsity
 from rose.errors import RoseError
 
-from conftest import VALID, char_tokenizer, tiny_model
+from conftest import VALID, char_tokenizer, tiny_model, one_line_error, run_cli as run
 
 FORMATS = ["hf", "packed24", "semi-structured", "onnx", "onnx-packed24"]
 HIDDEN = 128  # weights must outweigh the graph for the onnx-packed24 size bound to mean anything
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert fragment in lines[0], lines[0]
 
 
 def no_leftovers(directory: Path):
