@@ -39,7 +39,7 @@ def label(cfg: dict) -> str:
 def collect(runs: Path) -> tuple[dict, dict]:
     """(label, pattern, seed) -> results, and the dense evaluation."""
     table, dense = {}, None
-    # a runs directory of quality_runs.sh, or the flat copies of its recipes in docs/quality/runs
+    # a runs directory of quality_runs.sh, or the flat copies of its recipes in docs/quality/recipes
     for path in sorted(runs.glob("*/rose_recipe.json")) or sorted(runs.glob("*.json")):
         rec = json.loads(path.read_text())
         if "config" not in rec:
