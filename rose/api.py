@@ -14,7 +14,7 @@ from .data import calibration_windows, evaluation_tokens
 from .errors import RoseError
 from .eval import perplexity
 from .models import load_model
-from .outputs import atomic_output, check_output
+from .outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -80,4 +80,4 @@ def save_pruned(model, tokenizer, recipe: Recipe, out: Path, overwrite: bool = F
     return Path(out)
 
 
-__all__ = ["prune", "evaluate", "save_pruned", "check_output", "check_device"]
+__all__ = ["prune", "evaluate", "save_pruned", "check_device"]
