@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rose.errors import RoseError
+from rose.errors import RoseError, first_line
 
 from .semi_structured import BACKENDS, INDEX, WEIGHTS, cutlass_unpack, load_dense, load_sparse
 
@@ -68,7 +68,7 @@ def logits_check(path: Path, device: str = "cuda", prompt: str = PROMPT) -> dict
             model = load_sparse(path, device=device, backend=backend)
             logits = model(input_ids=ids).logits.float()
         except (RuntimeError, NotImplementedError, RoseError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             out[backend] = {"ok": None, "unsupported": first[:300]}
             continue
         rel = float((logits - ref).norm() / ref.norm())

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rose.errors import RoseError
+from rose.errors import RoseError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def export_onnx(model: nn.Module, out: Path, opset: int = OPSET) -> dict:
                                         input_names=input_names(layers), output_names=output_names(layers),
                                         opset_version=opset, verbose=False)
         except Exception as exc:  # the exporter's messages are pages long: keep the first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise RoseError(f"torch.onnx could not export {model.config.model_type}: {first[:300]}") from None
         weights = _strip_prefix(program.model)
         onnxscript.optimizer.optimize_ir(program.model, should_fold=lambda node: _keep_weights(node, weights))

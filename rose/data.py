@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RoseError
+from .errors import RoseError, first_line
 from .hub import hub_reachable
 
 LOCAL_BUILDERS = {".txt": "text", ".tokens": "text", ".raw": "text", ".jsonl": "json", ".json": "json",
@@ -45,7 +45,7 @@ def load_rows(source: str, split: str = "train") -> list[str]:
     except RoseError:
         raise
     except Exception as exc:  # hub unreachable, malformed file, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RoseError(f"cannot load data {source!r} ({first}); offline, pass a local file such as "
                         f"../shared/data/wikitext2/valid.tokens.txt") from None
     if "text" not in ds.column_names:

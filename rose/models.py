@@ -10,7 +10,7 @@ from unittest import mock
 
 import torch
 
-from .errors import RoseError
+from .errors import RoseError, first_line
 from .hub import hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -92,7 +92,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
     except RoseError:
         raise
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RoseError(f"cannot load model {name!r}: not a local model directory and not on a reachable "
                         f"Hugging Face hub ({first[:200]})") from None
     model.eval()

@@ -3,15 +3,13 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from rose.arch import all_sublayers, get_weight
-from rose.cli import main
 from rose.masks import is_nm
 from rose.models import load_model
 
-from conftest import VALID
+from conftest import VALID, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +19,8 @@ def pruned_dir(tmp_path_factory):
     if not VALID.is_file():
         pytest.skip(f"shared calibration file {VALID} is missing")
     out = tmp_path_factory.mktemp("smol") / "rose24"
-    r = CliRunner().invoke(main, ["prune", "--model", "smollm2-135m", "--method", "rose", "--sparsity", "2:4",
-                                  "--calib", str(VALID), "--nsamples", "2", "--seqlen", "64", "--quiet",
-                                  "--out", str(out)])
+    r = run_cli("prune", "--model", "smollm2-135m", "--method", "rose", "--sparsity", "2:4", "--calib", VALID,
+                "--nsamples", 2, "--seqlen", 64, "--quiet", "--out", out)
     assert r.exit_code == 0, r.output
     return out
 
