@@ -9,7 +9,7 @@ BIN     = $(VENV)/bin
 
 .PHONY: install demo test test-fast clean
 
-$(BIN)/rose-export: pyproject.toml
+$(BIN)/rose-export: pyproject.toml cpp/sparse24.cpp cpp/sparse24.h cpp/torch_ops.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
@@ -20,6 +20,9 @@ $(BIN)/rose-export: pyproject.toml
 	# (--no-deps: it declares transformers<5 but imports fine beside transformers 5)
 	$(BIN)/pip install --quiet --no-deps compressed-tensors==0.14.0.1
 	$(BIN)/pip install --quiet loguru
+	# rose's C++ 2:4 CPU kernel (cpp/), built once into the torch extensions cache; without a compiler rose
+	# warns once and runs the same operators in pure PyTorch
+	$(BIN)/python -c "from export.cpu24 import ensure_ops; print('C++ 2:4 kernel:', ensure_ops())"
 	touch $@
 
 install: $(BIN)/rose-export

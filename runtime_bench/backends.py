@@ -99,6 +99,13 @@ def _ort(provider: str) -> Callable[[], str | None]:
     return check
 
 
+def _cpp() -> str | None:
+    from export.cpu24 import ensure_ops
+
+    isa = ensure_ops()
+    return "rose's C++ kernel did not build here (pure-PyTorch fallback only)" if isa == "pytorch-fallback" else None
+
+
 # ---- linear builders ------------------------------------------------------------------------------------------
 
 def _torch_dense(device: str) -> Callable[[torch.Tensor, torch.dtype, int], LinearOp]:
@@ -145,6 +152,16 @@ def _ort_linear(provider: str, packed: bool) -> Callable[[torch.Tensor, torch.dt
     return build
 
 
+def _cpp_linear(W: torch.Tensor, dtype: torch.dtype, threads: int) -> LinearOp:
+    from export.cpu24 import DTYPES, Sparse24Linear
+
+    if dtype not in DTYPES:
+        raise Unsupported(f"the C++ 2:4 kernel takes float32 or bfloat16 values, not {dtype}")
+    mod = Sparse24Linear.from_dense(W, dtype=dtype)
+    return LinearOp(fn=torch.no_grad()(mod), to_input=lambda x: x.to(dtype), to_output=lambda y: y.float(),
+                    weight_bytes=mod.weight_bytes)
+
+
 # ---- the entries ----------------------------------------------------------------------------------------------
 
 CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -157,6 +174,8 @@ register(Backend("cusparselt", "cuda", True, "torch-cuda", _cusparselt, _semi_st
                  runners.semi_model("cusparselt"), "SparseSemiStructuredTensor, cuSPARSELt kernels"))
 register(Backend("cutlass", "cuda", True, "torch-cuda", _cuda, _semi_structured("cutlass"),
                  runners.semi_model("cutlass"), "SparseSemiStructuredTensor, CUTLASS kernels (not on Hopper)"))
+register(Backend("cpp", "cpu", True, "torch-cpu", _cpp, _cpp_linear, runners.cpp_model(),
+                 "rose's C++ 2:4 kernel (cpp/): packed values + 2-bit masks, AVX-512/AVX2/scalar"))
 register(Backend("onnx-cpu", "cpu", False, None, _ort(CPU_EP), _ort_linear(CPU_EP, False),
                  runners.ort_model(CPU_EP, "onnx"), "onnxruntime CPU EP on the dense onnx export"))
 register(Backend("onnx-packed24-cpu", "cpu", True, "onnx-cpu", _ort(CPU_EP), _ort_linear(CPU_EP, True),

@@ -30,6 +30,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LINEAR_TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 1e-2}   # relative L2 error of y
 MODEL_TOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}    # relative L2 error of the logits (errors compound)
 GATE_TOKENS = 8  # prompt length of the end-to-end correctness gate
+GREEDY_STEPS = 16  # greedy tokens compared with the dense model (recorded, not gated: low precision may differ)
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,9 @@ def run_model(source: ModelSource, prompt_lens: list[int], batches: list[int], d
     usable, skipped = split_available(backends)
     env = environment(settings.threads, copy=_bandwidths(usable))
     gate_ids = prompt_ids(1, GATE_TOKENS, source.vocab, settings.seed)
-    reference = TorchRunner(source.dense_fp32(), "cpu").logits(gate_ids)
+    dense = TorchRunner(source.dense_fp32(), "cpu")
+    reference = dense.logits(gate_ids)
+    greedy_ref = dense.decode(dense.start(gate_ids), GREEDY_STEPS)
     grid = [(b, p) for b in batches for p in prompt_lens]
     records: list[dict[str, Any]] = []
     for dname in dtypes:
@@ -345,6 +348,7 @@ def run_model(source: ModelSource, prompt_lens: list[int], batches: list[int], d
             try:
                 runner = b.model(source, dtype, settings.threads)
                 err = rel_error(runner.logits(gate_ids), reference)
+                same = bool(torch.equal(runner.decode(runner.start(gate_ids), GREEDY_STEPS).cpu(), greedy_ref))
             except Unsupported as exc:
                 records += [_record(b, env, {**base, "batch": n, "tokens": p}, "skipped", reason=str(exc))
                             for n, p in grid]
@@ -353,7 +357,7 @@ def run_model(source: ModelSource, prompt_lens: list[int], batches: list[int], d
                 records += [_record(b, env, {**base, "batch": n, "tokens": p}, "error", message=_one_line(exc))
                             for n, p in grid]
                 continue
-            gated[b.name] = err
+            gated[b.name] = (err, same)
             if err > tol:
                 records += [_record(b, env, {**base, "batch": n, "tokens": p}, "wrong", error=err) for n, p in grid]
             else:
@@ -380,7 +384,9 @@ def _model_case(runners: dict, gated: dict, env: dict, base: dict, source: Model
         "decode": {n: Timed(setup=lambda r=r: r.start(ids), run=lambda s, r=r: r.decode(s, steps), cuda=r.cuda)
                    for n, (_, r) in runners.items()},
     }
-    out = {n: _record(b, env, base, "ok", error=gated[n], weight_bytes=r.weight_bytes,
+    out = {n: _record(b, env, base, "ok", error=gated[n][0], greedy_same_as_dense=gated[n][1],
+                      weight_bytes=r.weight_bytes,
+                      **({"linear_weight_bytes": r.linear_bytes} if getattr(r, "linear_bytes", None) else {}),
                       **({"weight_file_bytes": r.file_bytes} if r.file_bytes else {}))
            for n, (b, r) in runners.items()}
     for metric, contenders in sets.items():

@@ -119,14 +119,18 @@ def linear_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _yes(flag) -> str:
+    return "" if flag is None else ("yes" if flag else "no")
+
+
 def model_markdown(results: dict) -> str:
     lines = _header(results, "End-to-end benchmark: prefill, time to first token, decode with KV cache")
     if results.get("formats_bytes"):
         lines += ["Export sizes: " + ", ".join(f"{f} {b / 1e6:.2f} MB" for f, b in results["formats_bytes"].items()),
                   ""]
     lines += ["| dtype | batch | prompt | backend | prefill ms (IQR) | TTFT ms | decode tok/s | prefill dense/sparse "
-              "| decode sparse/dense | peak mem MB | rel. error | status |",
-              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| decode sparse/dense | linear weights MB | peak mem MB | rel. error | greedy = dense | status |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in sorted(results["records"], key=lambda r: (r["dtype"], r["batch"], r["tokens"], r["backend"])):
         mem = r.get("cuda_peak_bytes", r.get("peak_rss_bytes"))
         iqr = f" ({r['prefill_iqr_ms']:.3f})" if "prefill_iqr_ms" in r else ""
@@ -134,7 +138,8 @@ def model_markdown(results: dict) -> str:
                      f"{_f(r.get('prefill_ms'))}{iqr} | "
                      f"{_f(r.get('ttft_ms'))} | {_f(r.get('decode_tokens_per_s'), '.1f')} | "
                      f"{_f(r.get('prefill_ms_ratio'), '.2f')} | {_f(r.get('decode_tokens_per_s_ratio'), '.2f')} | "
-                     f"{_mb(mem)} | {_f(r.get('error'), '.1e')} | {_status(r)} |")
+                     f"{_mb(r.get('linear_weight_bytes'))} | {_mb(mem)} | {_f(r.get('error'), '.1e')} | "
+                     f"{_yes(r.get('greedy_same_as_dense'))} | {_status(r)} |")
     lines += ["", f"Decode: {results['records'][0]['decode_tokens'] if results['records'] else 0} greedy tokens per "
               f"sequence after an untimed prefill; tokens/s counts every sequence of the batch. Peak memory: CUDA "
               f"max allocated on GPU backends, peak RSS of a fresh subprocess on CPU backends.", ""]

@@ -40,6 +40,19 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += sparse_bytes(p.data if not hasattr(p, "packed") else p)
+    for m in model.modules():  # rose's C++ 2:4 modules hold their weights as buffers
+        if hasattr(m, "values") and hasattr(m, "masks") and isinstance(m.masks, torch.Tensor):
+            total += m.values.nbytes + m.masks.nbytes
+    return total
+
+
+def linear_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the prunable linears' weights (packed or dense), the part that 2:4 shrinks."""
+    from rose.arch import all_sublayers
+
+    total = 0
+    for m in all_sublayers(model).values():
+        total += m.values.nbytes + m.masks.nbytes if hasattr(m, "masks") else sparse_bytes(m.weight)
     return total
 
 
@@ -158,12 +171,15 @@ class OrtRunner:
     def first_token(self, ids: torch.Tensor) -> np.ndarray:
         return self.start(ids)[2]
 
-    def decode(self, state, steps: int) -> None:
+    def decode(self, state, steps: int) -> torch.Tensor:
         past, seen, token = state
+        tokens = [token]
         for _ in range(steps):
             logits, past = self._step(token, past, seen)
             seen += 1
             token = self._host(logits)[:, -1:].argmax(-1).astype(np.int64)
+            tokens.append(token)
+        return torch.from_numpy(np.concatenate(tokens, axis=1))
 
 
 def ort_model(provider: str, fmt: str):
@@ -189,6 +205,7 @@ class TorchRunner:
     def __init__(self, model: torch.nn.Module, device: str):
         self.model, self.device, self.cuda = model.eval(), device, device == "cuda"
         self.weight_bytes, self.file_bytes = model_weight_bytes(model), None
+        self.linear_bytes = linear_weight_bytes(model)
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, cache):
@@ -213,10 +230,14 @@ class TorchRunner:
     def first_token(self, ids: torch.Tensor):
         return self.start(ids)[1].cpu()
 
-    def decode(self, state, steps: int) -> None:
+    def decode(self, state, steps: int) -> torch.Tensor:
+        """Greedy decoding; returns the first token and the `steps` that follow (batch x steps+1)."""
         cache, token = state
+        tokens = [token]
         for _ in range(steps):
             token = self._forward(token, cache)[:, -1:].argmax(-1)
+            tokens.append(token)
+        return torch.cat(tokens, dim=1).cpu()
 
 
 def clone(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -235,6 +256,25 @@ def clone(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.M
 def torch_model(device: str):
     def build(source, dtype: torch.dtype, threads: int) -> TorchRunner:
         return TorchRunner(source.model(device, dtype), device)
+    return build
+
+
+def cpp_model():
+    """rose's C++ kernel: straight from the packed24 export when there is one in this dtype, else the dense model
+    converted in memory (random presets, or pruned directories without packed24)."""
+    def build(source, dtype: torch.dtype, threads: int) -> TorchRunner:
+        import copy
+
+        from export.cpu24 import DTYPES, load_packed24_cpu, sparsify
+
+        if dtype not in DTYPES:
+            raise Unsupported(f"the C++ 2:4 kernel takes float32 or bfloat16 values, not {dtype}")
+        packed = source.export / "packed24" if source.export else None
+        if packed is not None and (packed / "model.safetensors").is_file():
+            return TorchRunner(load_packed24_cpu(packed, dtype), "cpu")
+        model = copy.deepcopy(source.model("cpu", dtype))
+        sparsify(model)
+        return TorchRunner(model, "cpu")
     return build
 
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_model, one_line_error, run_cli as run
 
-CPU_BACKENDS = ["torch-cpu", "onnx-cpu", "onnx-packed24-cpu"]
+CPU_BACKENDS = ["torch-cpu", "cpp", "onnx-cpu", "onnx-packed24-cpu"]
 CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda"]
 STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cpu_model"]
 FAST = ["--iters", "2", "--warmup", "1"]
@@ -75,7 +75,9 @@ def test_linear_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
             assert r["status"] == "ok" and r["shape"] == [128, 64] and r["layers"] == ["mlp.gate_proj", "mlp.up_proj"]
             assert r["dtype"] == "fp32" and r["batch"] == 1 and r["device"] == "cpu" and r["runs"] == 2
             assert r["median_ms"] > 0 and r["iqr_ms"] >= 0 and len(r["times_ms"]) == 2
-            assert r["error"] <= r["tolerance"] == 1e-5 and r["weight_bytes"] == 128 * 64 * 4
+            dense_bytes = 128 * 64 * 4
+            assert r["error"] <= r["tolerance"] == 1e-5
+            assert r["weight_bytes"] == (dense_bytes * 17 // 32 if name == "cpp" else dense_bytes)  # 2.125 of 4 bytes
             assert all(k in r for k in STAMP) and r["device_name"] == doc["environment"]["cpu_model"]
         one = next(r for r in recs[name] if r["tokens"] == 1)
         assert one["weight_gbs"] > 0 and one["copy_gbs"] > 0
@@ -159,15 +161,20 @@ def test_model_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
             assert all(k in r for k in STAMP)
     for r in recs["onnx-packed24-cpu"]:
         assert r["baseline"] == "onnx-cpu" and r["prefill_ms_ratio"] > 0 and r["decode_tokens_per_s_ratio"] > 0
+    for dense, sparse in zip(recs["torch-cpu"], recs["cpp"]):
+        assert sparse["baseline"] == "torch-cpu" and sparse["decode_tokens_per_s_ratio"] > 0
+        assert dense["greedy_same_as_dense"] and sparse["greedy_same_as_dense"]
+        assert sparse["linear_weight_bytes"] <= 0.56 * dense["linear_weight_bytes"]
     assert (out / "latency_prefill.png").is_file() and (out / "decode_tokens_per_s.png").is_file()
 
 
 def test_model_random_preset_and_onnx_needs_an_export(tmp_path):
     out = tmp_path / "random"
     ok(run("bench", "model", "--config", "tiny", "--random", "--layers", "1", "--prompt-lens", "4",
-           "--decode-tokens", "2", "--backends", "torch-cpu,onnx-cpu", "--no-rss", *FAST, "--out", out))
+           "--decode-tokens", "2", "--backends", "torch-cpu,cpp,onnx-cpu", "--no-rss", *FAST, "--out", out))
     recs = by_backend(results(out)["records"])
     assert recs["torch-cpu"][0]["status"] == "ok" and recs["torch-cpu"][0]["error"] == 0.0
+    assert recs["cpp"][0]["status"] == "ok" and recs["cpp"][0]["error"] <= 1e-4
     assert recs["onnx-cpu"][0]["status"] == "skipped" and "--pruned" in recs["onnx-cpu"][0]["reason"]
 
 

@@ -1,0 +1,595 @@
+// rose 2:4 sparse linear kernel: packing, the portable scalar path and the AVX2+FMA path (chosen at run time).
+#include "sparse24.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own AVX-512 headers (GCC bug 105593)
+#endif
+#include <immintrin.h>
+#define ROSE24_X86 1
+#endif
+
+namespace rose24 {
+
+// ---- small helpers -------------------------------------------------------------------------------------------
+
+float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+static inline float to_f32(float v) { return v; }
+static inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+static inline bool nonzero(float v) { return v != 0.0f; }
+static inline bool nonzero(uint16_t v) { return (v & 0x7fffu) != 0; }
+static inline bool has_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u != 0;
+}
+static inline bool has_bits(uint16_t v) { return v != 0; }
+
+// First and second set bit of a 4-bit keep mask with two bits set.
+static constexpr int8_t kFirst[16] = {0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0};
+static constexpr int8_t kSecond[16] = {0, 0, 1, 1, 2, 2, 2, 1, 3, 3, 3, 1, 3, 2, 2, 1};
+
+// ---- packing -------------------------------------------------------------------------------------------------
+
+// An empty padding row keeps columns 0 and 1 with zero values, so every nibble has exactly two bits.
+static constexpr uint32_t kPadNibble = 0x3;
+
+template <typename T>
+static int64_t pack_dense_impl(const T* W, int64_t rows, int64_t cols, int64_t ldw, T* values, uint32_t* masks) {
+  const int64_t G = groups(cols), P = panels(rows);
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t g = 0; g < G; ++g) {
+      T* v = values + (p * G + g) * 16;
+      uint32_t word = 0;
+      for (int r = 0; r < kPanel; ++r) {
+        const int64_t row = p * kPanel + r;
+        uint32_t nib = kPadNibble;
+        T a = T(0), b = T(0);
+        if (row < rows) {
+          const T* w = W + row * ldw + 4 * g;
+          int kept = 0;
+          nib = 0;
+          for (int j = 0; j < 4; ++j)
+            if (nonzero(w[j])) {
+              if (kept == 2) return row * G + g;
+              nib |= 1u << j;
+              (kept++ == 0 ? a : b) = w[j];
+            }
+          // fewer than two nonzeros: keep a stored -0.0 first (so it survives), then the lowest free columns;
+          // the same choice as the packed24 export, so both packings give identical bytes
+          for (int pass = 0; pass < 2; ++pass)
+            for (int j = 0; j < 4 && kept < 2; ++j)
+              if (!(nib >> j & 1u) && (pass == 1 || has_bits(w[j]))) {
+                nib |= 1u << j;
+                ++kept;
+              }
+          // values follow column order, so re-read them in the order of the final nibble
+          a = w[kFirst[nib]];
+          b = w[kSecond[nib]];
+        }
+        v[r] = a;
+        v[8 + r] = b;
+        word |= nib << (4 * r);
+      }
+      masks[p * G + g] = word;
+    }
+  }
+  return -1;
+}
+
+int64_t pack_dense(const float* W, int64_t rows, int64_t cols, int64_t ldw, float* values, uint32_t* masks) {
+  return pack_dense_impl(W, rows, cols, ldw, values, masks);
+}
+int64_t pack_dense(const uint16_t* W, int64_t rows, int64_t cols, int64_t ldw, uint16_t* values, uint32_t* masks) {
+  return pack_dense_impl(W, rows, cols, ldw, values, masks);
+}
+
+template <typename T>
+int64_t pack_bitmask(const T* kept, const uint8_t* bitmask, int64_t rows, int64_t cols, T* values, uint32_t* masks) {
+  const int64_t G = groups(cols), P = panels(rows), mask_bytes = (cols + 7) / 8, half = cols / 2;
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t g = 0; g < G; ++g) {
+      T* v = values + (p * G + g) * 16;
+      uint32_t word = 0;
+      for (int r = 0; r < kPanel; ++r) {
+        const int64_t row = p * kPanel + r;
+        uint32_t nib = kPadNibble;
+        T a = T(0), b = T(0);
+        if (row < rows) {
+          nib = (bitmask[row * mask_bytes + g / 2] >> (4 * (g & 1))) & 0xfu;
+          if (__builtin_popcount(nib) != 2) return row * G + g;
+          a = kept[row * half + 2 * g];
+          b = kept[row * half + 2 * g + 1];
+        }
+        v[r] = a;
+        v[8 + r] = b;
+        word |= nib << (4 * r);
+      }
+      masks[p * G + g] = word;
+    }
+  }
+  return -1;
+}
+
+template <typename T>
+static void unpack_scalar(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0,
+                          int64_t p1, T* out, int64_t ldo) {
+  const int64_t G = groups(cols);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int r = 0; r < kPanel; ++r) {
+      const int64_t row = p * kPanel + r;
+      if (row >= rows) break;
+      T* o = out + (row - p0 * kPanel) * ldo;
+      for (int64_t g = 0; g < G; ++g) {
+        const T* v = values + (p * G + g) * 16;
+        const uint32_t nib = masks[p * G + g] >> (4 * r) & 0xfu;
+        T* q = o + 4 * g;
+        q[0] = q[1] = q[2] = q[3] = T(0);
+        q[kFirst[nib]] = v[r];
+        q[kSecond[nib]] = v[8 + r];
+      }
+    }
+  }
+}
+
+// ---- scalar path ---------------------------------------------------------------------------------------------
+
+template <typename T>
+static void gemm_scalar(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x,
+                        int64_t M, int64_t ldx, const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1) {
+  const int64_t G = groups(cols);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int live = static_cast<int>(std::min<int64_t>(kPanel, rows - p * kPanel));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * ldx;
+      float acc[kPanel] = {0};
+      for (int64_t g = 0; g < G; ++g) {
+        const T* v = values + (p * G + g) * 16;
+        const uint32_t word = masks[p * G + g];
+        const float* xg = xm + 4 * g;
+        for (int r = 0; r < kPanel; ++r) {
+          const uint32_t nib = word >> (4 * r) & 0xfu;
+          acc[r] += to_f32(v[r]) * xg[kFirst[nib]] + to_f32(v[8 + r]) * xg[kSecond[nib]];
+        }
+      }
+      float* ym = y + m * ldy + p * kPanel;
+      for (int r = 0; r < live; ++r) ym[r] = acc[r] + (bias ? bias[p * kPanel + r] : 0.0f);
+    }
+  }
+}
+
+// ---- AVX2 + FMA path -----------------------------------------------------------------------------------------
+// Eight output rows live in the eight lanes. For each group, the two kept values of every row are spread into
+// four dense lane vectors w0..w3 (w_j = the row's weight in column 4g+j, zero if pruned): the keep-mask bit of
+// column j is shifted into each lane's sign bit and drives a blend. Then y += w_j * broadcast(x[4g+j]).
+
+#if ROSE24_X86
+#define ROSE24_AVX2 __attribute__((target("avx2,fma")))
+
+ROSE24_AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+ROSE24_AVX2 static inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Spread one group's kept values (8 rows) into the dense lane vectors of its four columns. s0 holds each lane's
+// shift that brings bit 4r of the mask word to the sign bit; column j holds the row's first kept value unless a
+// lower column is already kept.
+template <typename T>
+ROSE24_AVX2 static inline void decode_avx2(const T* v, uint32_t mask, __m256i s0, __m256& w0, __m256& w1,
+                                           __m256& w2, __m256& w3) {
+  const __m256i word = _mm256_set1_epi32(static_cast<int>(mask));
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i s1 = _mm256_sub_epi32(s0, one), s2 = _mm256_sub_epi32(s1, one), s3 = _mm256_sub_epi32(s2, one);
+  const __m256 m0 = _mm256_castsi256_ps(_mm256_sllv_epi32(word, s0));
+  const __m256 m1 = _mm256_castsi256_ps(_mm256_sllv_epi32(word, s1));
+  const __m256 m2 = _mm256_castsi256_ps(_mm256_sllv_epi32(word, s2));
+  const __m256 m3 = _mm256_castsi256_ps(_mm256_sllv_epi32(word, s3));
+  const __m256 va = load8(v), vb = load8(v + 8), zero = _mm256_setzero_ps();
+  w0 = _mm256_blendv_ps(zero, va, m0);
+  w1 = _mm256_blendv_ps(zero, _mm256_blendv_ps(va, vb, m0), m1);
+  w2 = _mm256_blendv_ps(zero, _mm256_blendv_ps(va, vb, _mm256_or_ps(m0, m1)), m2);
+  w3 = _mm256_blendv_ps(zero, vb, m3);
+}
+
+ROSE24_AVX2 static inline void store8(float* p, __m256 w) { _mm256_storeu_ps(p, w); }
+ROSE24_AVX2 static inline void store8(uint16_t* p, __m256 w) {  // exact: w holds bf16 values
+  const __m256i i = _mm256_srli_epi32(_mm256_castps_si256(w), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+}
+
+// In-register 8x8 transpose: c[j] holds column j of eight rows; afterwards c[i] holds row i's eight columns.
+ROSE24_AVX2 static inline void transpose8(__m256 c[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(c[i], c[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(c[i], c[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    c[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    c[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Row-major dense rows: two groups (eight columns) of eight rows at a time, decoded as lanes and transposed.
+template <typename T>
+ROSE24_AVX2 static void unpack_avx2(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0,
+                                    int64_t p1, T* out, int64_t ldo) {
+  const int64_t G = groups(cols);
+  const __m256i s0 = _mm256_setr_epi32(31, 27, 23, 19, 15, 11, 7, 3);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int live = static_cast<int>(std::min<int64_t>(kPanel, rows - p * kPanel));
+    T* o = out + (p - p0) * kPanel * ldo;
+    int64_t g = 0;
+    for (; g + 1 < G; g += 2) {
+      __m256 c[8];
+      decode_avx2(values + (p * G + g) * 16, masks[p * G + g], s0, c[0], c[1], c[2], c[3]);
+      decode_avx2(values + (p * G + g + 1) * 16, masks[p * G + g + 1], s0, c[4], c[5], c[6], c[7]);
+      transpose8(c);
+      for (int r = 0; r < live; ++r) store8(o + r * ldo + 4 * g, c[r]);
+    }
+    if (g < G) {  // an odd last group
+      __m256 c[4];
+      decode_avx2(values + (p * G + g) * 16, masks[p * G + g], s0, c[0], c[1], c[2], c[3]);
+      alignas(32) float lanes[4][8];
+      for (int j = 0; j < 4; ++j) _mm256_store_ps(lanes[j], c[j]);
+      for (int r = 0; r < live; ++r)
+        for (int j = 0; j < 4; ++j) {
+          const float f = lanes[j][r];
+          if constexpr (std::is_same_v<T, float>) {
+            o[r * ldo + 4 * g + j] = f;
+          } else {
+            uint32_t u;
+            std::memcpy(&u, &f, 4);
+            o[r * ldo + 4 * g + j] = static_cast<uint16_t>(u >> 16);
+          }
+        }
+    }
+  }
+}
+
+template <typename T>
+ROSE24_AVX2 static void unpack_t_avx2(const T* values, const uint32_t* masks, int64_t cols, int64_t p0, int64_t p1,
+                                      T* out, int64_t ldo) {
+  const int64_t G = groups(cols);
+  const __m256i s0 = _mm256_setr_epi32(31, 27, 23, 19, 15, 11, 7, 3);
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 w[4];
+      decode_avx2(values + (p * G + g) * 16, masks[p * G + g], s0, w[0], w[1], w[2], w[3]);
+      T* o = out + 4 * g * ldo + (p - p0) * kPanel;
+      for (int j = 0; j < 4; ++j) store8(o + j * ldo, w[j]);
+    }
+}
+
+// NA independent accumulators per x row hide the FMA latency when there are few rows.
+template <int MC, int NA, typename T>
+ROSE24_AVX2 static void panel_avx2(const T* values, const uint32_t* masks, int64_t G, const float* x, int64_t ldx,
+                                   __m256 out[MC]) {
+  const __m256i s0 = _mm256_setr_epi32(31, 27, 23, 19, 15, 11, 7, 3);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc[MC][NA];
+  for (int m = 0; m < MC; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = zero;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 w0, w1, w2, w3;
+    decode_avx2(values + g * 16, masks[g], s0, w0, w1, w2, w3);
+    const float* xg = x + 4 * g;
+    for (int m = 0; m < MC; ++m) {
+      const float* xm = xg + m * ldx;
+      acc[m][0 % NA] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(xm + 0), acc[m][0 % NA]);
+      acc[m][1 % NA] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(xm + 1), acc[m][1 % NA]);
+      acc[m][2 % NA] = _mm256_fmadd_ps(w2, _mm256_broadcast_ss(xm + 2), acc[m][2 % NA]);
+      acc[m][3 % NA] = _mm256_fmadd_ps(w3, _mm256_broadcast_ss(xm + 3), acc[m][3 % NA]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    out[m] = s;
+  }
+}
+
+template <int MC, typename T>
+ROSE24_AVX2 static void chunk_avx2(const T* values, const uint32_t* masks, int64_t G, const float* x, int64_t ldx,
+                                   __m256 out[MC]) {
+  constexpr int NA = MC == 1 ? 4 : (MC <= 3 ? 2 : 1);
+  panel_avx2<MC, NA>(values, masks, G, x, ldx, out);
+}
+
+template <typename T>
+ROSE24_AVX2 static void gemm_avx2(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x,
+                                  int64_t M, int64_t ldx, const float* bias, float* y, int64_t ldy, int64_t p0,
+                                  int64_t p1) {
+  constexpr int kChunk = 6;
+  const int64_t G = groups(cols);
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* vp = values + p * G * 16;
+    const uint32_t* mp = masks + p * G;
+    const int live = static_cast<int>(std::min<int64_t>(kPanel, rows - p * kPanel));
+    __m256 b = _mm256_setzero_ps();
+    if (bias) {
+      if (live == kPanel) {
+        b = _mm256_loadu_ps(bias + p * kPanel);
+      } else {
+        alignas(32) float tmp[kPanel] = {0};
+        std::memcpy(tmp, bias + p * kPanel, sizeof(float) * live);
+        b = _mm256_load_ps(tmp);
+      }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+      const int mc = static_cast<int>(std::min<int64_t>(kChunk, M - m0));
+      const float* xm = x + m0 * ldx;
+      __m256 out[kChunk];
+      switch (mc) {
+        case 1: chunk_avx2<1>(vp, mp, G, xm, ldx, out); break;
+        case 2: chunk_avx2<2>(vp, mp, G, xm, ldx, out); break;
+        case 3: chunk_avx2<3>(vp, mp, G, xm, ldx, out); break;
+        case 4: chunk_avx2<4>(vp, mp, G, xm, ldx, out); break;
+        case 5: chunk_avx2<5>(vp, mp, G, xm, ldx, out); break;
+        default: chunk_avx2<6>(vp, mp, G, xm, ldx, out); break;
+      }
+      for (int m = 0; m < mc; ++m) {
+        float* ym = y + (m0 + m) * ldy + p * kPanel;
+        const __m256 r = _mm256_add_ps(out[m], b);
+        if (live == kPanel) {
+          _mm256_storeu_ps(ym, r);
+        } else {
+          alignas(32) float tmp[kPanel];
+          _mm256_store_ps(tmp, r);
+          std::memcpy(ym, tmp, sizeof(float) * live);
+        }
+      }
+    }
+  }
+}
+// ---- AVX-512 path ----------------------------------------------------------------------------------------------
+// Two panels side by side fill the 16 lanes (lanes 0-7: panel p, 8-15: panel p+1); a bit test turns each column's
+// keep bits straight into a lane mask, so decoding is four tests and four masked moves per 16 rows.
+#define ROSE24_AVX512 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")))
+
+ROSE24_AVX512 static inline __m512 load16(const float* a, const float* b) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
+}
+ROSE24_AVX512 static inline __m512 load16(const uint16_t* a, const uint16_t* b) {
+  const __m256i h = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int MC, int NA, typename T>
+ROSE24_AVX512 static void pair_avx512(const T* v0, const T* v1, const uint32_t* k0p, const uint32_t* k1p, int64_t G,
+                                      const float* x, int64_t ldx, __m512 out[MC]) {
+  const __m512i bit0 = _mm512_setr_epi32(1 << 0, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28,
+                                         1 << 0, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28);
+  const __m512i bit1 = _mm512_slli_epi32(bit0, 1), bit2 = _mm512_slli_epi32(bit0, 2),
+                bit3 = _mm512_slli_epi32(bit0, 3);
+  __m512 acc[MC][NA];
+  for (int m = 0; m < MC; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512i word = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(k0p[g])), 0xFF00,
+                                                static_cast<int>(k1p[g]));
+    const __mmask16 m0 = _mm512_test_epi32_mask(word, bit0), m1 = _mm512_test_epi32_mask(word, bit1);
+    const __mmask16 m2 = _mm512_test_epi32_mask(word, bit2), m3 = _mm512_test_epi32_mask(word, bit3);
+    const __m512 va = load16(v0 + g * 16, v1 + g * 16), vb = load16(v0 + g * 16 + 8, v1 + g * 16 + 8);
+    const __m512 w0 = _mm512_maskz_mov_ps(m0, va);
+    const __m512 w1 = _mm512_maskz_mov_ps(m1, _mm512_mask_mov_ps(va, m0, vb));
+    const __m512 w2 = _mm512_maskz_mov_ps(m2, _mm512_mask_mov_ps(va, _kor_mask16(m0, m1), vb));
+    const __m512 w3 = _mm512_maskz_mov_ps(m3, vb);
+    const float* xg = x + 4 * g;
+    for (int m = 0; m < MC; ++m) {
+      const float* xm = xg + m * ldx;
+      acc[m][0 % NA] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xm[0]), acc[m][0 % NA]);
+      acc[m][1 % NA] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xm[1]), acc[m][1 % NA]);
+      acc[m][2 % NA] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xm[2]), acc[m][2 % NA]);
+      acc[m][3 % NA] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xm[3]), acc[m][3 % NA]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) {
+    __m512 s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[m][a]);
+    out[m] = s;
+  }
+}
+
+template <int MC, typename T>
+ROSE24_AVX512 static void chunk_avx512(const T* v0, const T* v1, const uint32_t* k0, const uint32_t* k1, int64_t G,
+                                       const float* x, int64_t ldx, __m512 out[MC]) {
+  constexpr int NA = MC == 1 ? 4 : (MC <= 3 ? 2 : 1);
+  pair_avx512<MC, NA>(v0, v1, k0, k1, G, x, ldx, out);
+}
+
+template <typename T>
+ROSE24_AVX512 static void gemm_avx512(const T* values, const uint32_t* masks, int64_t rows, int64_t cols,
+                                      const float* x, int64_t M, int64_t ldx, const float* bias, float* y,
+                                      int64_t ldy, int64_t p0, int64_t p1) {
+  constexpr int kChunk = 8;
+  const int64_t G = groups(cols);
+  int64_t p = p0;
+  for (; p + 1 < p1; p += 2) {
+    const T* v0 = values + p * G * 16;
+    const uint32_t* k0 = masks + p * G;
+    const int live = static_cast<int>(std::min<int64_t>(2 * kPanel, rows - p * kPanel));
+    const __mmask16 keep = static_cast<__mmask16>((1u << live) - 1u);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + p * kPanel) : _mm512_setzero_ps();
+    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+      const int mc = static_cast<int>(std::min<int64_t>(kChunk, M - m0));
+      const float* xm = x + m0 * ldx;
+      __m512 out[kChunk];
+      switch (mc) {
+        case 1: chunk_avx512<1>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+        case 2: chunk_avx512<2>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+        case 3: chunk_avx512<3>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+        case 4: chunk_avx512<4>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+        case 5: chunk_avx512<5>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+        case 6: chunk_avx512<6>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+        case 7: chunk_avx512<7>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+        default: chunk_avx512<8>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+      }
+      for (int m = 0; m < mc; ++m)
+        _mm512_mask_storeu_ps(y + (m0 + m) * ldy + p * kPanel, keep, _mm512_add_ps(out[m], b));
+    }
+  }
+  if (p < p1) gemm_avx2(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p, p1);
+}
+#endif
+
+// ---- dispatch ------------------------------------------------------------------------------------------------
+
+static bool cpu_has_avx2() {
+#if ROSE24_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+static bool cpu_has_avx512() {
+#if ROSE24_X86
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+Isa best_isa() {
+  static const Isa best = [] {
+    const char* env = std::getenv("ROSE24_ISA");
+    const std::string want = env ? env : "";
+    if (want == "scalar" || !cpu_has_avx2()) return Isa::kScalar;
+    if (want == "avx2" || !cpu_has_avx512()) return Isa::kAvx2;
+    return Isa::kAvx512;
+  }();
+  return best;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    default: return "auto";
+  }
+}
+
+// A requested path the CPU lacks falls back to the best one below it.
+static Isa resolve(Isa isa) {
+  if (isa == Isa::kAuto) return best_isa();
+  if (isa == Isa::kAvx512 && !cpu_has_avx512()) isa = Isa::kAvx2;
+  if (isa == Isa::kAvx2 && !cpu_has_avx2()) isa = Isa::kScalar;
+  return isa;
+}
+
+template <typename T>
+void gemm_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
+                 int64_t ldx, const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1, Isa isa) {
+  switch (resolve(isa)) {
+#if ROSE24_X86
+    case Isa::kAvx512: gemm_avx512(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1); return;
+    case Isa::kAvx2: gemm_avx2(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1); return;
+#endif
+    default: gemm_scalar(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1);
+  }
+}
+
+template <typename T>
+void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
+                   T* out, int64_t ldo, Isa isa) {
+#if ROSE24_X86
+  if (resolve(isa) != Isa::kScalar) {
+    unpack_avx2(values, masks, rows, cols, p0, p1, out, ldo);
+    return;
+  }
+#endif
+  unpack_scalar(values, masks, rows, cols, p0, p1, out, ldo);
+}
+
+template <typename T>
+void unpack_panels_t(const T* values, const uint32_t* masks, int64_t cols, int64_t p0, int64_t p1, T* out,
+                     int64_t ldo, Isa isa) {
+#if ROSE24_X86
+  if (resolve(isa) != Isa::kScalar) {
+    unpack_t_avx2(values, masks, cols, p0, p1, out, ldo);
+    return;
+  }
+#endif
+  const int64_t G = groups(cols);
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* v = values + (p * G + g) * 16;
+      const uint32_t word = masks[p * G + g];
+      T* o = out + 4 * g * ldo + (p - p0) * kPanel;
+      for (int r = 0; r < kPanel; ++r) {
+        const uint32_t nib = word >> (4 * r) & 0xfu;
+        for (int j = 0; j < 4; ++j) o[j * ldo + r] = T(0);
+        o[kFirst[nib] * ldo + r] = v[r];
+        o[kSecond[nib] * ldo + r] = v[8 + r];
+      }
+    }
+}
+
+template <typename T>
+void gemm(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
+          int64_t ldx, const float* bias, float* y, int64_t ldy, int threads, Isa isa) {
+  const int64_t P = panels(rows);
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, P));
+  if (n == 1) {
+    gemm_panels(values, masks, rows, cols, x, M, ldx, bias, y, ldy, 0, P, isa);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t a = P * t / n, b = P * (t + 1) / n;
+    pool.emplace_back([=] { gemm_panels(values, masks, rows, cols, x, M, ldx, bias, y, ldy, a, b, isa); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+// ---- explicit instantiations -----------------------------------------------------------------------------------
+
+#define ROSE24_INSTANTIATE(T)                                                                                     \
+  template int64_t pack_bitmask<T>(const T*, const uint8_t*, int64_t, int64_t, T*, uint32_t*);                  \
+  template void unpack_panels<T>(const T*, const uint32_t*, int64_t, int64_t, int64_t, int64_t, T*, int64_t, Isa);\
+  template void unpack_panels_t<T>(const T*, const uint32_t*, int64_t, int64_t, int64_t, T*, int64_t, Isa);       \
+  template void gemm_panels<T>(const T*, const uint32_t*, int64_t, int64_t, const float*, int64_t, int64_t,       \
+                               const float*, float*, int64_t, int64_t, int64_t, Isa);                            \
+  template void gemm<T>(const T*, const uint32_t*, int64_t, int64_t, const float*, int64_t, int64_t,              \
+                        const float*, float*, int64_t, int, Isa);
+ROSE24_INSTANTIATE(float)
+ROSE24_INSTANTIATE(uint16_t)
+
+}  // namespace rose24

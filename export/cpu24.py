@@ -1,0 +1,225 @@
+"""2:4 on the CPU with rose's C++ kernel (`cpp/`): `torch.ops.rose.sparse24_*`, `Sparse24Linear`, and loaders
+that turn a pruned model or a `packed24` directory into one whose 2:4 linears hold only packed weights.
+
+The kernel is built on first use with `torch.utils.cpp_extension` (cached; `make install` builds it up front).
+Where it cannot be built there is one warning and the same operators run in pure PyTorch (unpack, then matmul),
+so every caller works everywhere; only the speed differs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rose.errors import RoseError, first_line
+
+log = logging.getLogger(__name__)
+
+CPP_DIR = Path(__file__).resolve().parents[1] / "cpp"
+SOURCES = ("sparse24.cpp", "torch_ops.cpp")
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+DTYPES = (torch.float32, torch.bfloat16)
+# From this many tokens on, a call unpacks a few panels at a time into a small dense tile and uses BLAS
+# (measured crossover on the 2-core dev machine, docs/bench/cpu-kernel; override with ROSE24_DENSE_FROM).
+DENSE_FROM = {torch.float32: 32, torch.bfloat16: 16}
+TILE_BYTES = 4 << 20
+
+_state: dict[str, object] = {}
+
+
+def _build() -> str | None:
+    """Build and load the C++ operators; None when they are there, else why not (one line)."""
+    if not all((CPP_DIR / s).is_file() for s in SOURCES):
+        return f"the C++ sources are not in {CPP_DIR} (install rose from a source checkout with pip install -e)"
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="rose_sparse24", sources=[str(CPP_DIR / s) for s in SOURCES],
+                           extra_cflags=["-O3", "-std=c++17"], extra_include_paths=[str(CPP_DIR)],
+                           is_python_module=False, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
+        return f"building it failed: {first_line(exc)}"
+    return None
+
+
+def _define_fallback() -> None:
+    """The same operators in pure PyTorch (slow but identical results), for machines that cannot build `cpp/`."""
+    lib = torch.library.Library("rose", "DEF")
+    _state["fallback_lib"] = lib
+    lib.define("sparse24_pack(Tensor weight) -> (Tensor values, Tensor masks)")
+    lib.define("sparse24_pack_bitmask(Tensor kept, Tensor bitmask, int rows, int cols) -> (Tensor values, Tensor masks)")
+    lib.define("sparse24_unpack(Tensor values, Tensor masks, int rows, int cols) -> Tensor")
+    lib.define("sparse24_linear(Tensor x, Tensor values, Tensor masks, int rows, int cols, Tensor? bias=None, "
+               "int isa=0, int dense_from=0, int tile_bytes=4194304) -> Tensor")
+    lib.define("sparse24_isa() -> str")
+    from . import cpu24_reference as ref
+
+    lib.impl("sparse24_pack", ref.pack, "CPU")
+    lib.impl("sparse24_pack_bitmask", ref.pack_bitmask, "CPU")
+    lib.impl("sparse24_unpack", ref.unpack, "CPU")
+    lib.impl("sparse24_linear", ref.linear, "CPU")
+    lib.impl("sparse24_isa", lambda: "pytorch-fallback", "CompositeExplicitAutograd")
+
+
+def ensure_ops() -> str:
+    """Make `torch.ops.rose.sparse24_*` available; returns the code path ('avx2', 'scalar' or 'pytorch-fallback')."""
+    if "isa" not in _state:
+        why = "ROSE24_DISABLE_CPP is set" if os.environ.get("ROSE24_DISABLE_CPP") else _build()
+        if why:
+            warnings.warn(f"rose's C++ 2:4 kernel is not available ({why}); using the slow pure-PyTorch fallback",
+                          RuntimeWarning, stacklevel=2)
+            _define_fallback()
+        _state["isa"] = torch.ops.rose.sparse24_isa()
+    return str(_state["isa"])
+
+
+def _call(op: str, *args, what: str = "weight"):
+    try:
+        return getattr(torch.ops.rose, op)(*args)
+    except RuntimeError as exc:
+        raise RoseError(f"{what}: {first_line(exc).removeprefix('sparse24: ')}") from None
+
+
+def pack(W: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, masks) of a dense 2:4 matrix (fp32 or bf16); an error names `name` and the offending group."""
+    ensure_ops()
+    return _call("sparse24_pack", W.detach(), what=name)
+
+
+class Sparse24Linear(nn.Module):
+    """y = x W^T + b with W held only as packed 2:4 values and 2-bit masks (no dense copy).
+
+    `isa` forces a code path ('scalar' for tests); `dense_from` is the token count from which calls go through
+    small dense tiles and BLAS (0: never).
+    """
+
+    def __init__(self, values: torch.Tensor, masks: torch.Tensor, rows: int, cols: int,
+                 bias: torch.Tensor | None = None, isa: str = "auto", dense_from: int | None = None,
+                 name: str = "weight"):
+        super().__init__()
+        if isa not in ISAS:
+            raise RoseError(f"unknown code path {isa!r}: choose from {', '.join(ISAS)}")
+        self.in_features, self.out_features, self.name = cols, rows, name
+        self.register_buffer("values", values)
+        self.register_buffer("masks", masks)
+        self.bias = nn.Parameter(bias.detach().to(values.dtype), requires_grad=False) if bias is not None else None
+        self.isa = ISAS[isa]
+        env = os.environ.get("ROSE24_DENSE_FROM")
+        self.dense_from = int(env) if env else (DENSE_FROM[values.dtype] if dense_from is None else dense_from)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "weight",
+                   dtype: torch.dtype | None = None, **kw) -> "Sparse24Linear":
+        dtype = dtype or weight.dtype
+        if dtype not in DTYPES:
+            raise RoseError(f"{name}: the C++ 2:4 kernel takes float32 or bfloat16 weights, not {dtype}")
+        if weight.dim() != 2 or weight.shape[1] % 4:
+            raise RoseError(f"{name}: a 2:4 weight needs a 2-D shape with columns a multiple of 4, got "
+                            f"{tuple(weight.shape)}")
+        values, masks = pack(weight.to(dtype), name)
+        return cls(values, masks, weight.shape[0], weight.shape[1], bias, name=name, **kw)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "weight", dtype: torch.dtype | None = None,
+                    **kw) -> "Sparse24Linear":
+        return cls.from_dense(linear.weight.data, linear.bias.data if linear.bias is not None else None, name, dtype,
+                              **kw)
+
+    @classmethod
+    def from_packed24(cls, kept: torch.Tensor, bitmask: torch.Tensor, shape: tuple[int, int],
+                      bias: torch.Tensor | None = None, name: str = "weight", **kw) -> "Sparse24Linear":
+        """Straight from the `packed24` export's (compressed, bitmask): the dense weight is never built."""
+        ensure_ops()
+        rows, cols = shape
+        values, masks = _call("sparse24_pack_bitmask", kept, bitmask, rows, cols, what=name)
+        return cls(values, masks, rows, cols, bias, name=name, **kw)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.values.nbytes + self.masks.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense matrix (for checks; the module itself never keeps one)."""
+        return _call("sparse24_unpack", self.values, self.masks, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return torch.ops.rose.sparse24_linear(x, self.values, self.masks, self.out_features, self.in_features,
+                                                  self.bias, self.isa, self.dense_from, TILE_BYTES)
+        except RuntimeError as exc:
+            raise RoseError(f"{self.name}: {first_line(exc).removeprefix('sparse24: ')}") from None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.values.dtype}, "
+                f"bias={self.bias is not None}")
+
+
+def sparsify(model: nn.Module, dtype: torch.dtype | None = None, **kw) -> list[str]:
+    """Swap every prunable linear of the decoder layers for a `Sparse24Linear` in place; returns their names.
+    A layer that is not 2:4 is an error naming it. Other modules (embeddings, lm_head, norms) stay as they are."""
+    from rose.arch import all_sublayers
+
+    ensure_ops()
+    swapped = []
+    for name, module in all_sublayers(model).items():
+        if not isinstance(module, nn.Linear):
+            raise RoseError(f"{name} is a {type(module).__name__}; the C++ 2:4 kernel replaces nn.Linear layers only")
+        parent, _, child = name.rpartition(".")
+        new = Sparse24Linear.from_linear(module, name, dtype or module.weight.dtype, **kw)
+        setattr(model.get_submodule(parent), child, new)
+        swapped.append(name)
+    return swapped
+
+
+def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.Module:
+    """A transformers model from a `packed24` directory whose packed linears are `Sparse24Linear` modules, built
+    from the stored kept values and bitmasks; dense linears are never allocated (they start on the meta device)."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .packed24 import WEIGHTS
+
+    path = Path(path)
+    if not (path / WEIGHTS).is_file():
+        raise RoseError(f"{path} is not a packed24 directory (no {WEIGHTS}): export it with --formats packed24")
+    ensure_ops()
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    stored = load_file(path / WEIGHTS)
+    first = next(t for t in stored.values() if t.is_floating_point())
+    dtype = dtype or first.dtype
+    if dtype not in DTYPES:
+        raise RoseError(f"the C++ 2:4 kernel takes float32 or bfloat16; pass dtype=torch.float32 for {path}")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    dense: dict[str, torch.Tensor] = {}
+    for name, t in stored.items():
+        if not name.endswith(".compressed"):
+            if not name.endswith((".bitmask", ".shape")):
+                dense[name] = t.to(dtype) if t.is_floating_point() else t
+            continue
+        module = name[: -len(".compressed")]
+        shape = tuple(int(s) for s in stored[f"{module}.shape"].flatten())
+        bias = stored.get(f"{module}.bias")
+        new = Sparse24Linear.from_packed24(t.to(dtype), stored[f"{module}.bitmask"], shape,  # type: ignore[arg-type]
+                                           bias.to(dtype) if bias is not None else None, module, **kw)
+        parent, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    for key in [k for k in dense if k.endswith(".bias") and k[: -len(".bias")] in _packed_names(model)]:
+        dense.pop(key)
+    model.load_state_dict(dense, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise RoseError(f"{path} does not match its config: no weights for {left[:4]}")
+    return model.eval()
+
+
+def _packed_names(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, Sparse24Linear)}
