@@ -25,8 +25,8 @@ ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 DTYPES = (torch.float32, torch.bfloat16)
 # From this many tokens on, a call unpacks a few panels at a time into a small dense tile and uses BLAS
 # (measured crossover on the 2-core dev machine, docs/bench/cpu-kernel; override with ROSE24_DENSE_FROM).
-DENSE_FROM = {torch.float32: 32, torch.bfloat16: 16}
-TILE_BYTES = 4 << 20
+DENSE_FROM = {torch.float32: 256, torch.bfloat16: 32}
+TILE_BYTES = 8 << 20
 
 _state: dict[str, object] = {}
 
@@ -54,7 +54,7 @@ def _define_fallback() -> None:
     lib.define("sparse24_pack_bitmask(Tensor kept, Tensor bitmask, int rows, int cols) -> (Tensor values, Tensor masks)")
     lib.define("sparse24_unpack(Tensor values, Tensor masks, int rows, int cols) -> Tensor")
     lib.define("sparse24_linear(Tensor x, Tensor values, Tensor masks, int rows, int cols, Tensor? bias=None, "
-               "int isa=0, int dense_from=0, int tile_bytes=4194304) -> Tensor")
+               "int isa=0, int dense_from=0, int tile_bytes=8388608) -> Tensor")
     lib.define("sparse24_isa() -> str")
     from . import cpu24_reference as ref
 

@@ -64,26 +64,27 @@ def rose_order(W: torch.Tensor, col_energy: torch.Tensor, sparsity: Sparsity, *,
     col_loss = L.sum(0)
     unit_loss = col_loss.reshape(-1, unit).sum(1)
 
-    block_perms, block_loss = [], []
-    for i1 in range(0, cols, blocksize):
-        width = min(blocksize, cols - i1)
-        units = torch.arange(i1 // unit, (i1 + width) // unit)
-        if mode in ("both", "columns"):
-            units = units[torch.argsort(unit_loss[units], descending=True, stable=True)]
-        members = []
-        for u in units.tolist():
-            c = torch.arange(u * unit, (u + 1) * unit)
-            if unit > 1 and within_group == "sort":
-                c = c[torch.argsort(col_loss[c], descending=True, stable=True)]
-            members.append(c)
-        block_perms.append(torch.cat(members))
-        block_loss.append(float(unit_loss[units].sum()) * blocksize / width)  # a short last block compares fairly
-
+    # block losses first: most layers are not columnar, and then no permutation is needed at all
+    starts = list(range(0, cols, blocksize))
+    widths = [min(blocksize, cols - i1) for i1 in starts]
+    block_loss = [float(unit_loss[i1 // unit:(i1 + w) // unit].sum()) * blocksize / w   # a short last block
+                  for i1, w in zip(starts, widths)]                                      # compares fairly
     losses = torch.tensor(block_loss, dtype=torch.float64)
     top = float(losses.max())
     rel_range = (top - float(losses.min())) / top if top > 0 else 0.0
     if rel_range <= threshold:
         return Ordering(ident.perm, ident.blocks, rel_range, False)
+
+    block_perms = []
+    for i1, width in zip(starts, widths):
+        units = torch.arange(i1 // unit, (i1 + width) // unit)
+        if mode in ("both", "columns"):
+            units = units[torch.argsort(unit_loss[units], descending=True, stable=True)]
+        members = units.unsqueeze(1) * unit + torch.arange(unit)          # whole groups, in unit order
+        if unit > 1 and within_group == "sort":
+            inner = torch.argsort(col_loss[members], dim=1, descending=True, stable=True)
+            members = members.gather(1, inner)
+        block_perms.append(members.flatten())
     order = range(len(block_perms))
     if mode in ("both", "blocks"):
         order = torch.argsort(losses, descending=True, stable=True).tolist()
