@@ -39,7 +39,10 @@ def _build() -> str | None:
         from torch.utils import cpp_extension
 
         cpp_extension.load(name="rose_sparse24", sources=[str(CPP_DIR / s) for s in SOURCES],
-                           extra_cflags=["-O3", "-std=c++17"], extra_include_paths=[str(CPP_DIR)],
+                           # -fopenmp: at::parallel_for is OpenMP pragmas inlined into this library; without
+                           # the flag it runs serially. libgomp.so.1 resolves to the copy torch already loaded.
+                           extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_include_paths=[str(CPP_DIR)],
                            is_python_module=False, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
         return f"building it failed: {first_line(exc)}"

@@ -153,12 +153,15 @@ def _ort_linear(provider: str, packed: bool) -> Callable[[torch.Tensor, torch.dt
 
 
 def _cpp_linear(W: torch.Tensor, dtype: torch.dtype, threads: int) -> LinearOp:
-    from export.cpu24 import DTYPES, Sparse24Linear
+    from export.cpu24 import DTYPES, TILE_BYTES, Sparse24Linear
 
     if dtype not in DTYPES:
         raise Unsupported(f"the C++ 2:4 kernel takes float32 or bfloat16 values, not {dtype}")
     mod = Sparse24Linear.from_dense(W, dtype=dtype)
-    return LinearOp(fn=torch.no_grad()(mod), to_input=lambda x: x.to(dtype), to_output=lambda y: y.float(),
+    op, args = torch.ops.rose.sparse24_linear, (mod.values, mod.masks, mod.out_features, mod.in_features, None,
+                                                mod.isa, mod.dense_from, TILE_BYTES)
+    # the operator itself, as torch-cpu times F.linear itself (no module call around it)
+    return LinearOp(fn=lambda x: op(x, *args), to_input=lambda x: x.to(dtype), to_output=lambda y: y.float(),
                     weight_bytes=mod.weight_bytes)
 
 

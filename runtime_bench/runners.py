@@ -64,6 +64,9 @@ def ort_session(model: bytes | Path, provider: str, threads: int):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    # onnxruntime's idle threads spin after every run by default; interleaved with other backends on the same
+    # cores they would steal time from whoever runs next (torch's OpenMP threads lost up to 2x here)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=[provider])
     if sess.get_providers()[0] != provider:
         raise Unsupported(f"onnxruntime did not start {provider} (got {sess.get_providers()})")
