@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -163,6 +164,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 
 std::string isa() { return rose24::isa_name(rose24::best_isa()); }
 
+// How many threads one at::parallel_for of this library really uses (1 if it was built without OpenMP).
+int64_t parallel_threads() {
+  std::vector<int> used(at::get_num_threads() + 1, 0);
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { used[std::min<int>(at::get_thread_num(), used.size() - 1)] = 1; });
+  return std::count(used.begin(), used.end(), 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rose, m) {
@@ -172,6 +180,7 @@ TORCH_LIBRARY(rose, m) {
   m.def("sparse24_linear(Tensor x, Tensor values, Tensor masks, int rows, int cols, Tensor? bias=None, int isa=0, "
         "int dense_from=0, int tile_bytes=8388608) -> Tensor");
   m.def("sparse24_isa() -> str", &isa);
+  m.def("sparse24_parallel_threads() -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(rose, CPU, m) {

@@ -59,6 +59,7 @@ def _define_fallback() -> None:
     lib.define("sparse24_linear(Tensor x, Tensor values, Tensor masks, int rows, int cols, Tensor? bias=None, "
                "int isa=0, int dense_from=0, int tile_bytes=8388608) -> Tensor")
     lib.define("sparse24_isa() -> str")
+    lib.define("sparse24_parallel_threads() -> int")
     from . import cpu24_reference as ref
 
     lib.impl("sparse24_pack", ref.pack, "CPU")
@@ -66,6 +67,7 @@ def _define_fallback() -> None:
     lib.impl("sparse24_unpack", ref.unpack, "CPU")
     lib.impl("sparse24_linear", ref.linear, "CPU")
     lib.impl("sparse24_isa", lambda: "pytorch-fallback", "CompositeExplicitAutograd")
+    lib.impl("sparse24_parallel_threads", lambda: torch.get_num_threads(), "CompositeExplicitAutograd")
 
 
 def ensure_ops() -> str:

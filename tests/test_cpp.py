@@ -50,8 +50,15 @@ def test_kernel_core_under_sanitizers(tmp_path):
         assert run.returncode == 0 and "all passed" in run.stdout, run.stdout + run.stderr
 
 
-def test_ops_are_the_cpp_build():
+def test_ops_are_the_cpp_build_and_use_pytorchs_threads():
     assert ISA in ("avx512", "avx2", "scalar"), f"the C++ kernel did not build here ({ISA})"
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.ops.rose.sparse24_parallel_threads() == n  # 1 would mean built without OpenMP
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 4), (9, 12), (37, 100), (70, 260), (128, 64)])
