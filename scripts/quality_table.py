@@ -83,6 +83,16 @@ def render(table: dict, dense: dict | None) -> str:
             cells.append(cell)
         out.append(f"| {r} | " + " | ".join(cells) + " |")
 
+    best = {p: table[("rose --order best", p, 0)] for p in PATTERNS if ("rose --order best", p, 0) in table}
+    if best:
+        out.append("\nWhich order `--order best` kept, per sublayer (of 210; seed 0): the lowest reconstruction error "
+                   "among the identity (SparseGPT), ROSE's order where the layer is columnar, and descending diag(H):\n")
+        out.append("| order | " + " | ".join(HEAD[p] for p in best) + " |")
+        out.append("|---|" + "---|" * len(best))
+        for order, name in (("identity", "identity"), ("rose", "ROSE"), ("diag_h", "diag(H)")):
+            out.append(f"| {name} | " + " | ".join(str(r.get("chosen_orders", {}).get(order, 0))
+                                                   for r in best.values()) + " |")
+
     seeds = defaultdict(dict)
     for (r, p, s), res in table.items():
         seeds[(r, p)][s] = res["eval"]["perplexity"]
