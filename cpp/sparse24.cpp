@@ -1,4 +1,5 @@
-// rose 2:4 sparse linear kernel: packing, the portable scalar path and the AVX2+FMA path (chosen at run time).
+// rose 2:4 sparse linear kernel: packing, the portable scalar path, the AVX2+FMA and AVX-512 paths (chosen at
+// run time), and unpacking.
 #include "sparse24.h"
 
 #include <algorithm>
@@ -9,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)  // GCC/Clang attributes and builtins
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own AVX-512 headers (GCC bug 105593)
 #endif
@@ -56,9 +57,23 @@ static constexpr int8_t kSecond[16] = {0, 0, 1, 1, 2, 2, 2, 1, 3, 3, 3, 1, 3, 2,
 // An empty padding row keeps columns 0 and 1 with zero values, so every nibble has exactly two bits.
 static constexpr uint32_t kPadNibble = 0x3;
 
+// The first group, in row-major order, with more than two nonzeros; -1 if none. Checked before packing, so that
+// the error names the same group whatever order the packing loop walks in.
+template <typename T>
+static int64_t first_dense_violation(const T* W, int64_t rows, int64_t cols, int64_t ldw) {
+  const int64_t G = groups(cols);
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* w = W + row * ldw + 4 * g;
+      if (nonzero(w[0]) + nonzero(w[1]) + nonzero(w[2]) + nonzero(w[3]) > 2) return row * G + g;
+    }
+  return -1;
+}
+
 template <typename T>
 static int64_t pack_dense_impl(const T* W, int64_t rows, int64_t cols, int64_t ldw, T* values, uint32_t* masks) {
   const int64_t G = groups(cols), P = panels(rows);
+  if (const int64_t bad = first_dense_violation(W, rows, cols, ldw); bad >= 0) return bad;
   for (int64_t p = 0; p < P; ++p) {
     for (int64_t g = 0; g < G; ++g) {
       T* v = values + (p * G + g) * 16;
@@ -109,6 +124,9 @@ int64_t pack_dense(const uint16_t* W, int64_t rows, int64_t cols, int64_t ldw, u
 template <typename T>
 int64_t pack_bitmask(const T* kept, const uint8_t* bitmask, int64_t rows, int64_t cols, T* values, uint32_t* masks) {
   const int64_t G = groups(cols), P = panels(rows), mask_bytes = (cols + 7) / 8, half = cols / 2;
+  for (int64_t row = 0; row < rows; ++row)  // validate in row-major order first (see first_dense_violation)
+    for (int64_t g = 0; g < G; ++g)
+      if (__builtin_popcount((bitmask[row * mask_bytes + g / 2] >> (4 * (g & 1))) & 0xfu) != 2) return row * G + g;
   for (int64_t p = 0; p < P; ++p) {
     for (int64_t g = 0; g < G; ++g) {
       T* v = values + (p * G + g) * 16;
@@ -517,6 +535,7 @@ static Isa resolve(Isa isa) {
 template <typename T>
 void gemm_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
                  int64_t ldx, const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1, Isa isa) {
+  if (p0 < 0 || p1 > panels(rows) || p0 >= p1) return;  // nothing to do, never out of bounds
   switch (resolve(isa)) {
 #if ROSE24_X86
     case Isa::kAvx512: gemm_avx512(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1); return;

@@ -34,7 +34,7 @@ float bf16_to_f32(uint16_t v);
 uint16_t f32_to_bf16(float f);
 
 // Pack a dense row-major R x C matrix (leading dimension ldw). Returns -1 on success, else the flat index
-// row * (C/4) + group of the first group holding more than two nonzeros (nothing useful is written then).
+// row * (C/4) + group of the first group (in row-major order) holding more than two nonzeros; nothing is written.
 // C must be a multiple of 4 (the caller checks). Zeros are kept where a group has fewer than two nonzeros.
 int64_t pack_dense(const float* W, int64_t rows, int64_t cols, int64_t ldw, float* values, uint32_t* masks);
 int64_t pack_dense(const uint16_t* W, int64_t rows, int64_t cols, int64_t ldw, uint16_t* values, uint32_t* masks);
@@ -50,8 +50,9 @@ template <typename T>
 void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
                    T* out, int64_t ldo, Isa isa = Isa::kAuto);
 
-// The same rows transposed: out[c * ldo + (row - 8*p0)] for every column c, panel rows including padding (zeros).
-// A (C x 8*(p1-p0)) block that BLAS can multiply with directly: the large-token-count path tiles through it.
+// The same rows transposed: out[c * ldo + (row - 8*p0)] for every column c, panel rows including padding (zeros):
+// a (C x 8*(p1-p0)) block, W^T for those rows. (The binding's many-token path uses unpack_panels instead: BLAS
+// measured faster on the row-major tile.)
 template <typename T>
 void unpack_panels_t(const T* values, const uint32_t* masks, int64_t cols, int64_t p0, int64_t p1, T* out,
                      int64_t ldo, Isa isa = Isa::kAuto);

@@ -70,8 +70,13 @@ static void test_case(int64_t rows, int64_t cols, int64_t M, bool with_bias, std
     }
   for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAuto})
     for (int threads : {1, 2, 3}) {
-      std::vector<float> y(M * rows, NAN);
+      std::vector<float> y(M * rows + 32, NAN);  // 32 guard values: masked stores are invisible to ASan
       gemm(values.data(), masks.data(), rows, cols, x.data(), M, ldx, b, y.data(), rows, threads, isa);
+      bool guard = true;
+      for (int64_t i = M * rows; i < M * rows + 32; ++i) guard &= std::isnan(y[i]);
+      CHECK(guard, "%s %lldx%lld M=%lld wrote past the output", isa_name(isa), (long long)rows, (long long)cols,
+            (long long)M);
+      y.resize(M * rows);
       const double err = max_rel_error<float>(y, ref);
       CHECK(err <= 1e-5, "fp32 %s %lldx%lld M=%lld threads=%d: rel error %g", isa_name(isa), (long long)rows,
             (long long)cols, (long long)M, threads, err);
@@ -161,6 +166,9 @@ static void test_errors(std::mt19937& rng) {
   std::vector<float> values(value_count(9, 12));
   std::vector<uint32_t> masks(mask_count(9, 12));
   CHECK(pack_dense(W.data(), 9, 12, 12, values.data(), masks.data()) == 5 * 3 + 1, "a 3-of-4 group was accepted");
+  W[8 * 12 + 0] = W[8 * 12 + 1] = W[8 * 12 + 2] = 1.0f;  // row 8 (a later panel) too: still row 5 is reported
+  W[1 * 12 + 8] = W[1 * 12 + 9] = W[1 * 12 + 10] = 1.0f;  // and row 1, group 2: first in row-major order
+  CHECK(pack_dense(W.data(), 9, 12, 12, values.data(), masks.data()) == 1 * 3 + 2, "not the first bad group");
   std::vector<float> kept(9 * 6, 1.0f);
   std::vector<uint8_t> bitmask(9 * 2, 0x33);
   bitmask[2 * 2 + 1] = 0x37;  // row 2, group 2: three bits

@@ -1,4 +1,5 @@
-// PyTorch binding of the 2:4 kernel core: torch.ops.rose.sparse24_{pack,pack_bitmask,unpack,linear,isa}.
+// PyTorch binding of the 2:4 kernel core:
+// torch.ops.rose.sparse24_{pack,pack_bitmask,unpack,linear,isa,parallel_threads}.
 // Threads come from PyTorch's own pool (at::parallel_for), so torch.set_num_threads governs both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -103,6 +104,7 @@ at::Tensor unpack(const at::Tensor& values, const at::Tensor& masks, int64_t row
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks, int64_t rows, int64_t cols,
                   const std::optional<at::Tensor>& bias, int64_t isa, int64_t dense_from, int64_t tile_bytes) {
   check_values(values, masks, rows, cols);
+  TORCH_CHECK(isa >= 0 && isa <= 3, "sparse24: isa must be 0 (auto), 1 (scalar), 2 (avx2) or 3 (avx512), got ", isa);
   TORCH_CHECK(x.device().is_cpu(), "sparse24: the input must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "sparse24: the input must be float32 or bfloat16, got ", x.scalar_type());
@@ -122,10 +124,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   if (dense_from > 0 && M >= dense_from) {
     // Many tokens: the kernel above is dense-equivalent work with decoding on top, so BLAS wins. Unpack a few
     // panels at a time into one small dense tile (never the whole weight) and let at::mm do the product.
-    const at::Tensor xv = x2.to(values.scalar_type());
+    // compute in fp32 unless input and weights are both bf16 (then like PyTorch's bf16 matmul), bias fused
+    const auto compute = (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16) ? at::kBFloat16
+                                                                                                    : at::kFloat;
+    const at::Tensor xv = x2.to(compute);
     at::Tensor y = at::empty({M, rows}, xv.options());
+    const at::Tensor bc = b.defined() ? b.to(compute) : b;
     const int64_t P = rose24::panels(rows);
-    // at least 256 rows per tile: BLAS loses up to 30% on narrower products (measured, docs/bench/cpu-kernel)
+    // at least 256 rows per tile: BLAS loses up to 30% on narrower products (measured on the dev machine)
     const int64_t tile_panels = std::min(
         P, std::max<int64_t>(256 / rose24::kPanel, tile_bytes / (rose24::kPanel * cols * values.element_size())));
     at::Tensor tile = at::empty({tile_panels * rose24::kPanel, cols}, values.options());
@@ -134,9 +140,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
       const int64_t r0 = p0 * rose24::kPanel, n = std::min(rows, p1 * rose24::kPanel) - r0;
       unpack_into(values, masks, rows, cols, p0, p1, tile);
       at::Tensor ys = y.narrow(1, r0, n);
-      at::mm_out(ys, xv, tile.narrow(0, 0, n).t());
+      const at::Tensor wt = tile.narrow(0, 0, n).to(compute).t();
+      if (bc.defined())
+        at::addmm_out(ys, bc.narrow(0, r0, n), xv, wt);
+      else
+        at::mm_out(ys, xv, wt);
     }
-    if (b.defined()) y.add_(b.to(y.scalar_type()));
     return y.to(x.scalar_type()).reshape(shape);
   }
 

@@ -24,7 +24,7 @@ SOURCES = ("sparse24.cpp", "torch_ops.cpp")
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 DTYPES = (torch.float32, torch.bfloat16)
 # From this many tokens on, a call unpacks a few panels at a time into a small dense tile and uses BLAS
-# (measured crossover on the 2-core dev machine, docs/bench/cpu-kernel; override with ROSE24_DENSE_FROM).
+# (crossovers measured on the 2-core dev machine, docs/bench/cpu; override with ROSE24_DENSE_FROM).
 DENSE_FROM = {torch.float32: 256, torch.bfloat16: 32}
 TILE_BYTES = 8 << 20
 
@@ -71,7 +71,8 @@ def _define_fallback() -> None:
 
 
 def ensure_ops() -> str:
-    """Make `torch.ops.rose.sparse24_*` available; returns the code path ('avx2', 'scalar' or 'pytorch-fallback')."""
+    """Make `torch.ops.rose.sparse24_*` available; returns the code path this CPU runs ('avx512', 'avx2',
+    'scalar', or 'pytorch-fallback' where the C++ build is not available)."""
     if "isa" not in _state:
         why = "ROSE24_DISABLE_CPP is set" if os.environ.get("ROSE24_DISABLE_CPP") else _build()
         if why:
@@ -108,13 +109,18 @@ class Sparse24Linear(nn.Module):
         super().__init__()
         if isa not in ISAS:
             raise RoseError(f"unknown code path {isa!r}: choose from {', '.join(ISAS)}")
+        if values.dtype not in DTYPES:
+            raise RoseError(f"{name}: the C++ 2:4 kernel holds float32 or bfloat16 values, not {values.dtype}")
         self.in_features, self.out_features, self.name = cols, rows, name
         self.register_buffer("values", values)
         self.register_buffer("masks", masks)
-        self.bias = nn.Parameter(bias.detach().to(values.dtype), requires_grad=False) if bias is not None else None
+        # the bias stays fp32: the kernel adds it in fp32 whatever the values' dtype
+        self.bias = nn.Parameter(bias.detach().float(), requires_grad=False) if bias is not None else None
         self.isa = ISAS[isa]
-        env = os.environ.get("ROSE24_DENSE_FROM")
-        self.dense_from = int(env) if env else (DENSE_FROM[values.dtype] if dense_from is None else dense_from)
+        if dense_from is None:  # an explicit argument wins over the environment, which wins over the default
+            env = os.environ.get("ROSE24_DENSE_FROM")
+            dense_from = int(env) if env else DENSE_FROM[values.dtype]
+        self.dense_from = dense_from
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "weight",
@@ -197,8 +203,10 @@ def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     stored = load_file(path / WEIGHTS)
-    first = next(t for t in stored.values() if t.is_floating_point())
-    dtype = dtype or first.dtype
+    floats = [t.dtype for t in stored.values() if t.is_floating_point()]
+    if not floats:
+        raise RoseError(f"{path / WEIGHTS} holds no floating-point tensors: re-export it")
+    dtype = dtype or floats[0]
     if dtype not in DTYPES:
         raise RoseError(f"the C++ 2:4 kernel takes float32 or bfloat16; pass dtype=torch.float32 for {path}")
     with init_empty_weights(include_buffers=False):
@@ -216,7 +224,8 @@ def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.
                                            bias.to(dtype) if bias is not None else None, module, **kw)
         parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
-    for key in [k for k in dense if k.endswith(".bias") and k[: -len(".bias")] in _packed_names(model)]:
+    packed_names = _packed_names(model)
+    for key in [k for k in dense if k.endswith(".bias") and k[: -len(".bias")] in packed_names]:
         dense.pop(key)
     model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()

@@ -57,6 +57,8 @@ def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pack_bitmask(kept: torch.Tensor, bitmask: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_cols(rows, cols)
+    if kept.dtype not in (torch.float32, torch.bfloat16):
+        raise RuntimeError(f"sparse24: kept values must be float32 or bfloat16, got {kept.dtype}")
     if kept.numel() != rows * cols // 2:
         raise RuntimeError(f"sparse24: expected {rows * cols // 2} kept values, got {kept.numel()}")
     if bitmask.dtype != torch.uint8 or bitmask.numel() != rows * ((cols + 7) // 8):
@@ -86,8 +88,12 @@ def unpack(values: torch.Tensor, masks: torch.Tensor, rows: int, cols: int) -> t
 
 def linear(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, rows: int, cols: int,
            bias: torch.Tensor | None = None, isa: int = 0, dense_from: int = 0, tile_bytes: int = 0) -> torch.Tensor:
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise RuntimeError(f"sparse24: the input must be float32 or bfloat16, got {x.dtype}")
     if x.shape[-1] != cols:
         raise RuntimeError(f"sparse24: the input's last dimension is {x.shape[-1]} but the weight has {cols} columns")
+    if bias is not None and tuple(bias.shape) != (rows,):
+        raise RuntimeError(f"sparse24: the bias must have {rows} elements")
     W = unpack(values, masks, rows, cols).float()
     y = torch.nn.functional.linear(x.float(), W, None if bias is None else bias.float())
     return y.to(x.dtype)

@@ -120,18 +120,31 @@ def test_linear_bf16_against_rounded_weights(path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tiled_blas_path_for_many_tokens(dtype):
-    """From `dense_from` tokens on, calls go through small dense tiles and BLAS: same answer, tiles smaller than
-    the weight."""
-    W = random24(300, 64, 5)
-    bias = torch.randn(300)
-    x = torch.randn(40, 64)
-    direct = cpu24.Sparse24Linear.from_dense(W, bias, dtype=dtype, dense_from=0)
-    tiled = cpu24.Sparse24Linear.from_dense(W, bias, dtype=dtype, dense_from=8)
-    want = x @ W.to(dtype).float().T + bias.to(dtype).float()
-    assert rel(direct(x), want) <= 1e-5
-    out = torch.ops.rose.sparse24_linear(x, tiled.values, tiled.masks, 300, 64, tiled.bias, 0, 8, 64 * 4 * 16)
-    assert rel(out, want) <= (1e-5 if dtype == torch.float32 else 1e-2)  # bf16 tiles multiply in bf16
+@pytest.mark.parametrize("tile_bytes", [64 * 4 * 16, 8 << 20])
+def test_tiled_blas_path_for_many_tokens(dtype, tile_bytes):
+    """From `dense_from` tokens on, calls go through dense tiles and BLAS (several tiles, or one): the same answer
+    as the kernel, in fp32 for fp32 inputs whatever the weights' dtype, with 3-D inputs too."""
+    W = random24(700, 64, 5)
+    bias = torch.randn(700)
+    x = torch.randn(2, 20, 64)
+    mod = cpu24.Sparse24Linear.from_dense(W, bias, dtype=dtype, dense_from=0)
+    want = x @ W.to(dtype).float().T + bias
+    assert rel(mod(x), want) <= 1e-5
+    args = (mod.values, mod.masks, 700, 64, mod.bias, 0, 8, tile_bytes)
+    tiled = torch.ops.rose.sparse24_linear(x, *args)
+    assert tiled.shape == (2, 20, 700) and tiled.dtype == torch.float32 and rel(tiled, want) <= 1e-5
+    xb = x.to(torch.bfloat16)
+    yb = torch.ops.rose.sparse24_linear(xb, *args)
+    assert yb.dtype == torch.bfloat16 and rel(yb, xb.float() @ W.to(dtype).float().T + bias) <= 1e-2
+
+
+def test_explicit_dense_from_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("ROSE24_DENSE_FROM", "3")
+    W = random24(16, 32)
+    assert cpu24.Sparse24Linear.from_dense(W).dense_from == 3
+    assert cpu24.Sparse24Linear.from_dense(W, dense_from=0).dense_from == 0
+    monkeypatch.delenv("ROSE24_DENSE_FROM")
+    assert cpu24.Sparse24Linear.from_dense(W).dense_from == cpu24.DENSE_FROM[torch.float32]
 
 
 def test_3d_and_non_contiguous_inputs():
@@ -159,6 +172,12 @@ def test_errors_are_one_line_and_name_the_layer():
         cpu24.Sparse24Linear.from_dense(torch.zeros(8, 10), name="odd")
     with pytest.raises(RoseError, match="float32 or bfloat16"):
         cpu24.Sparse24Linear.from_dense(torch.zeros(8, 8), dtype=torch.float16)
+    W2 = random24(16, 32)                                   # several bad groups: the first in row order is named
+    W2[9, 0:3] = 1.0
+    W2[2, 28:31] = 1.0
+    for op in (torch.ops.rose.sparse24_pack, ref.pack):
+        with pytest.raises(RuntimeError, match="in row 2, columns 28-31"):
+            op(W2)
     mod = cpu24.Sparse24Linear.from_dense(random24(16, 32), name="q_proj")
     with pytest.raises(RoseError) as err:
         mod(torch.randn(2, 31))
