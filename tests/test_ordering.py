@@ -83,6 +83,9 @@ def test_rose_order_none_is_sparsegpt_bit_for_bit(sparsity):
     a, _ = prune_weight(W, st, PruneConfig(method="sparsegpt", sparsity=s))
     b, info = prune_weight(W, st, PruneConfig(method="rose", sparsity=s, rose_order="none"))
     assert torch.equal(a, b) and not info["reordered"]
+    # threshold 1: the relative range of block losses never exceeds 1, so the ablation's third point is SparseGPT
+    c, info = prune_weight(W, st, PruneConfig(method="rose", sparsity=s, rose_threshold=1.0))
+    assert torch.equal(a, c) and not info["reordered"] and info["relative_range"] > 0.5
 
 
 @pytest.mark.parametrize("sparsity", ["0.5", "0.7", "2:4"])
