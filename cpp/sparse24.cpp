@@ -70,11 +70,12 @@ static int64_t first_dense_violation(const T* W, int64_t rows, int64_t cols, int
   return -1;
 }
 
-template <typename T>
-static int64_t pack_dense_impl(const T* W, int64_t rows, int64_t cols, int64_t ldw, T* values, uint32_t* masks) {
+// Writes the panel-8 layout; `entry(row, g, nib, a, b)` sets a real row's keep mask and two kept values for group
+// g (padding rows keep columns 0 and 1 with zero values).
+template <typename T, typename Entry>
+static void write_layout(int64_t rows, int64_t cols, T* values, uint32_t* masks, Entry entry) {
   const int64_t G = groups(cols), P = panels(rows);
-  if (const int64_t bad = first_dense_violation(W, rows, cols, ldw); bad >= 0) return bad;
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = 0; p < P; ++p)
     for (int64_t g = 0; g < G; ++g) {
       T* v = values + (p * G + g) * 16;
       uint32_t word = 0;
@@ -82,35 +83,38 @@ static int64_t pack_dense_impl(const T* W, int64_t rows, int64_t cols, int64_t l
         const int64_t row = p * kPanel + r;
         uint32_t nib = kPadNibble;
         T a = T(0), b = T(0);
-        if (row < rows) {
-          const T* w = W + row * ldw + 4 * g;
-          int kept = 0;
-          nib = 0;
-          for (int j = 0; j < 4; ++j)
-            if (nonzero(w[j])) {
-              if (kept == 2) return row * G + g;
-              nib |= 1u << j;
-              (kept++ == 0 ? a : b) = w[j];
-            }
-          // fewer than two nonzeros: keep a stored -0.0 first (so it survives), then the lowest free columns;
-          // the same choice as the packed24 export, so both packings give identical bytes
-          for (int pass = 0; pass < 2; ++pass)
-            for (int j = 0; j < 4 && kept < 2; ++j)
-              if (!(nib >> j & 1u) && (pass == 1 || has_bits(w[j]))) {
-                nib |= 1u << j;
-                ++kept;
-              }
-          // values follow column order, so re-read them in the order of the final nibble
-          a = w[kFirst[nib]];
-          b = w[kSecond[nib]];
-        }
+        if (row < rows) entry(row, g, nib, a, b);
         v[r] = a;
         v[8 + r] = b;
         word |= nib << (4 * r);
       }
       masks[p * G + g] = word;
     }
-  }
+}
+
+template <typename T>
+static int64_t pack_dense_impl(const T* W, int64_t rows, int64_t cols, int64_t ldw, T* values, uint32_t* masks) {
+  if (const int64_t bad = first_dense_violation(W, rows, cols, ldw); bad >= 0) return bad;
+  write_layout(rows, cols, values, masks, [&](int64_t row, int64_t g, uint32_t& nib, T& a, T& b) {
+    const T* w = W + row * ldw + 4 * g;
+    int kept = 0;
+    nib = 0;
+    for (int j = 0; j < 4; ++j)
+      if (nonzero(w[j])) {
+        nib |= 1u << j;
+        ++kept;
+      }
+    // fewer than two nonzeros: keep a stored -0.0 first (so it survives), then the lowest free columns;
+    // the same choice as the packed24 export, so both packings give identical bytes
+    for (int pass = 0; pass < 2; ++pass)
+      for (int j = 0; j < 4 && kept < 2; ++j)
+        if (!(nib >> j & 1u) && (pass == 1 || has_bits(w[j]))) {
+          nib |= 1u << j;
+          ++kept;
+        }
+    a = w[kFirst[nib]];  // values in column order
+    b = w[kSecond[nib]];
+  });
   return -1;
 }
 
@@ -123,31 +127,18 @@ int64_t pack_dense(const uint16_t* W, int64_t rows, int64_t cols, int64_t ldw, u
 
 template <typename T>
 int64_t pack_bitmask(const T* kept, const uint8_t* bitmask, int64_t rows, int64_t cols, T* values, uint32_t* masks) {
-  const int64_t G = groups(cols), P = panels(rows), mask_bytes = (cols + 7) / 8, half = cols / 2;
+  const int64_t G = groups(cols), mask_bytes = (cols + 7) / 8, half = cols / 2;
+  const auto nibble = [&](int64_t row, int64_t g) {
+    return static_cast<uint32_t>(bitmask[row * mask_bytes + g / 2] >> (4 * (g & 1))) & 0xfu;
+  };
   for (int64_t row = 0; row < rows; ++row)  // validate in row-major order first (see first_dense_violation)
     for (int64_t g = 0; g < G; ++g)
-      if (__builtin_popcount((bitmask[row * mask_bytes + g / 2] >> (4 * (g & 1))) & 0xfu) != 2) return row * G + g;
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t g = 0; g < G; ++g) {
-      T* v = values + (p * G + g) * 16;
-      uint32_t word = 0;
-      for (int r = 0; r < kPanel; ++r) {
-        const int64_t row = p * kPanel + r;
-        uint32_t nib = kPadNibble;
-        T a = T(0), b = T(0);
-        if (row < rows) {
-          nib = (bitmask[row * mask_bytes + g / 2] >> (4 * (g & 1))) & 0xfu;
-          if (__builtin_popcount(nib) != 2) return row * G + g;
-          a = kept[row * half + 2 * g];
-          b = kept[row * half + 2 * g + 1];
-        }
-        v[r] = a;
-        v[8 + r] = b;
-        word |= nib << (4 * r);
-      }
-      masks[p * G + g] = word;
-    }
-  }
+      if (__builtin_popcount(nibble(row, g)) != 2) return row * G + g;
+  write_layout(rows, cols, values, masks, [&](int64_t row, int64_t g, uint32_t& nib, T& a, T& b) {
+    nib = nibble(row, g);
+    a = kept[row * half + 2 * g];
+    b = kept[row * half + 2 * g + 1];
+  });
   return -1;
 }
 
@@ -295,21 +286,6 @@ ROSE24_AVX2 static void unpack_avx2(const T* values, const uint32_t* masks, int6
   }
 }
 
-template <typename T>
-ROSE24_AVX2 static void unpack_t_avx2(const T* values, const uint32_t* masks, int64_t cols, int64_t p0, int64_t p1,
-                                      T* out, int64_t ldo) {
-  const int64_t G = groups(cols);
-  const __m256i s0 = _mm256_setr_epi32(31, 27, 23, 19, 15, 11, 7, 3);
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 w[4];
-      decode_avx2(values + (p * G + g) * 16, masks[p * G + g], s0, w[0], w[1], w[2], w[3]);
-      T* o = out + 4 * g * ldo + (p - p0) * kPanel;
-      for (int j = 0; j < 4; ++j) store8(o + j * ldo, w[j]);
-    }
-}
-
-// NA independent accumulators per x row hide the FMA latency when there are few rows.
 template <int MC, int NA, typename T>
 ROSE24_AVX2 static void panel_avx2(const T* values, const uint32_t* masks, int64_t G, const float* x, int64_t ldx,
                                    __m256 out[MC]) {
@@ -558,30 +534,6 @@ void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t
 }
 
 template <typename T>
-void unpack_panels_t(const T* values, const uint32_t* masks, int64_t cols, int64_t p0, int64_t p1, T* out,
-                     int64_t ldo, Isa isa) {
-#if ROSE24_X86
-  if (resolve(isa) != Isa::kScalar) {
-    unpack_t_avx2(values, masks, cols, p0, p1, out, ldo);
-    return;
-  }
-#endif
-  const int64_t G = groups(cols);
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t g = 0; g < G; ++g) {
-      const T* v = values + (p * G + g) * 16;
-      const uint32_t word = masks[p * G + g];
-      T* o = out + 4 * g * ldo + (p - p0) * kPanel;
-      for (int r = 0; r < kPanel; ++r) {
-        const uint32_t nib = word >> (4 * r) & 0xfu;
-        for (int j = 0; j < 4; ++j) o[j * ldo + r] = T(0);
-        o[kFirst[nib] * ldo + r] = v[r];
-        o[kSecond[nib] * ldo + r] = v[8 + r];
-      }
-    }
-}
-
-template <typename T>
 void gemm(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
           int64_t ldx, const float* bias, float* y, int64_t ldy, int threads, Isa isa) {
   const int64_t P = panels(rows);
@@ -603,7 +555,6 @@ void gemm(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, co
 #define ROSE24_INSTANTIATE(T)                                                                                     \
   template int64_t pack_bitmask<T>(const T*, const uint8_t*, int64_t, int64_t, T*, uint32_t*);                  \
   template void unpack_panels<T>(const T*, const uint32_t*, int64_t, int64_t, int64_t, int64_t, T*, int64_t, Isa);\
-  template void unpack_panels_t<T>(const T*, const uint32_t*, int64_t, int64_t, int64_t, T*, int64_t, Isa);       \
   template void gemm_panels<T>(const T*, const uint32_t*, int64_t, int64_t, const float*, int64_t, int64_t,       \
                                const float*, float*, int64_t, int64_t, int64_t, Isa);                            \
   template void gemm<T>(const T*, const uint32_t*, int64_t, int64_t, const float*, int64_t, int64_t,              \

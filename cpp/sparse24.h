@@ -50,13 +50,6 @@ template <typename T>
 void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
                    T* out, int64_t ldo, Isa isa = Isa::kAuto);
 
-// The same rows transposed: out[c * ldo + (row - 8*p0)] for every column c, panel rows including padding (zeros):
-// a (C x 8*(p1-p0)) block, W^T for those rows. (The binding's many-token path uses unpack_panels instead: BLAS
-// measured faster on the row-major tile.)
-template <typename T>
-void unpack_panels_t(const T* values, const uint32_t* masks, int64_t cols, int64_t p0, int64_t p1, T* out,
-                     int64_t ldo, Isa isa = Isa::kAuto);
-
 // y[m, r] = sum_c x[m, c] W[r, c] (+ bias[r]) for output panels [p0, p1) and all M rows of x (fp32, leading
 // dimensions ldx and ldy). T is float or uint16_t (bf16). Single-threaded; callers split panels across threads.
 template <typename T>
