@@ -191,17 +191,13 @@ def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.
     from the stored kept values and bitmasks; dense linears are never allocated (they start on the meta device)."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .packed24 import WEIGHTS
+    from .packed24 import WEIGHTS, packed24_config
 
     path = Path(path)
-    if not (path / WEIGHTS).is_file():
-        raise RoseError(f"{path} is not a packed24 directory (no {WEIGHTS}): export it with --formats packed24")
+    config = packed24_config(path)
     ensure_ops()
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
     stored = load_file(path / WEIGHTS)
     floats = [t.dtype for t in stored.values() if t.is_floating_point()]
     if not floats:
@@ -211,22 +207,15 @@ def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.
         raise RoseError(f"the C++ 2:4 kernel takes float32 or bfloat16; pass dtype=torch.float32 for {path}")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    dense: dict[str, torch.Tensor] = {}
-    for name, t in stored.items():
-        if not name.endswith(".compressed"):
-            if not name.endswith((".bitmask", ".shape")):
-                dense[name] = t.to(dtype) if t.is_floating_point() else t
-            continue
-        module = name[: -len(".compressed")]
+    packed = [name[: -len(".compressed")] for name in stored if name.endswith(".compressed")]
+    for module in packed:
         shape = tuple(int(s) for s in stored[f"{module}.shape"].flatten())
-        bias = stored.get(f"{module}.bias")
-        new = Sparse24Linear.from_packed24(t.to(dtype), stored[f"{module}.bitmask"], shape,  # type: ignore[arg-type]
-                                           bias.to(dtype) if bias is not None else None, module, **kw)
+        new = Sparse24Linear.from_packed24(stored[f"{module}.compressed"].to(dtype), stored[f"{module}.bitmask"],
+                                           shape, stored.get(f"{module}.bias"), module, **kw)  # type: ignore[arg-type]
         parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
-    packed_names = _packed_names(model)
-    for key in [k for k in dense if k.endswith(".bias") and k[: -len(".bias")] in packed_names]:
-        dense.pop(key)
+    skip = {f"{m}.{part}" for m in packed for part in ("compressed", "bitmask", "shape", "bias")}
+    dense = {name: t.to(dtype) if t.is_floating_point() else t for name, t in stored.items() if name not in skip}
     model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -234,6 +223,3 @@ def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.
         raise RoseError(f"{path} does not match its config: no weights for {left[:4]}")
     return model.eval()
 
-
-def _packed_names(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, Sparse24Linear)}

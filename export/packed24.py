@@ -109,16 +109,24 @@ def read_packed24(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_packed24(path: Path, dtype: torch.dtype | None = None):
-    """A transformers model rebuilt from a packed24 directory (dense weights, zeros restored), on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def packed24_config(path: Path):
+    """The model config of a packed24 directory, without the compressed-tensors entry (rose loads it itself)."""
+    from transformers import AutoConfig
 
-    path = Path(path)
-    if not (path / WEIGHTS).is_file():
-        raise RoseError(f"{path} is not a packed24 directory (no {WEIGHTS})")
+    if not (Path(path) / WEIGHTS).is_file():
+        raise RoseError(f"{path} is not a packed24 directory (no {WEIGHTS}): export it with --formats packed24")
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    return config
+
+
+def load_packed24(path: Path, dtype: torch.dtype | None = None):
+    """A transformers model rebuilt from a packed24 directory (dense weights, zeros restored), on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    config = packed24_config(path)
     state = read_packed24(path)
     stored = next(t.dtype for t in state.values() if t.is_floating_point())
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored)
