@@ -92,7 +92,8 @@ def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, t
     from rose.outputs import check_output
 
     from . import backends as registry
-    from .cases import Settings, parse_counts, parse_dtypes, run_linear
+    from .cases import Settings, parse_counts, parse_dtypes
+    from .linear_bench import run_linear
     from .presets import model_shapes, parse_shapes, preset_shapes
 
     _setup_logging(quiet)
@@ -142,7 +143,8 @@ def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens,
     from rose.outputs import check_output
 
     from . import backends as registry
-    from .cases import ModelSource, Settings, parse_counts, parse_dtypes, run_model
+    from .cases import Settings, parse_counts, parse_dtypes
+    from .model_bench import ModelSource, run_model
 
     _setup_logging(quiet)
     lens, batches = parse_counts(prompt_lens, "--prompt-lens"), parse_counts(batch, "--batch")

@@ -65,7 +65,7 @@ def peak_rss(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
-    from . import cases
+    from . import cases, model_bench
     from .backends import BACKENDS
 
     torch.set_num_threads(spec["threads"])
@@ -79,7 +79,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         x = op.to_input(cases.linear_input(spec["tokens"], W.shape[1], spec["seed"], dtype))
         op.fn(x)
     else:
-        source = cases.ModelSource.from_spec(spec["source"])
+        source = model_bench.ModelSource.from_spec(spec["source"])
         runner = backend.model(source, dtype, spec["threads"])
         source.release()
         ids = cases.prompt_ids(spec["batch"], spec["prompt_len"], source.vocab, spec["seed"])
