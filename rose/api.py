@@ -40,6 +40,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         for r in records:
             orders[r["order"]] = orders.get(r["order"], 0) + 1
         out["chosen_orders"] = orders
+    guards = {r["layer"]: r["layer_guard"]["kept"] for r in records if "layer_guard" in r}
+    if guards:  # --order best: decoder layers checked, and where SparseGPT's solution was kept
+        out["guarded_layers"] = len(guards)
+        out["guard_kept_sparsegpt"] = sum(k == "sparsegpt" for k in guards.values())
     return out
 
 

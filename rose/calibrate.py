@@ -3,6 +3,9 @@
 1. capture the inputs of the first decoder layer for every calibration sample;
 2. for each layer: collect statistics of every linear sublayer, prune them, then run the *pruned* layer to get
    the inputs of the next one.
+With `--order best`, a third step guards each decoder layer: the dense model's own hidden states are carried
+along, and if the layer with SparseGPT's solution for every sublayer comes closer to them than the layer with the
+per-sublayer best orders, SparseGPT's solution is kept for the whole layer.
 Only the current layer (plus embeddings) sits on the compute device, so models larger than it can be pruned.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ from tqdm.auto import tqdm
 from .arch import all_sublayers, decoder_layers, get_weight, linear_sublayers, set_weight
 from .config import PruneConfig
 from .errors import RoseError
-from .methods import prune_weight
+from .methods import SPARSEGPT_WEIGHT, prune_weight
 from .offload import all_but_on_device, calibration_mode, on_device, to_device
 from .solver import reconstruction_error
 from .stats import InputStats
@@ -80,15 +83,64 @@ def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> li
     return outs
 
 
+def token_error(outs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Mean over tokens of `||y' - y||^2 / ||y||^2`: per token, as the final RMSNorm sees the hidden state."""
+    total, count = 0.0, 0
+    for o, t in zip(outs, targets):
+        o, t = o.float().reshape(-1, o.shape[-1]), t.float().reshape(-1, t.shape[-1])
+        total += float(((o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).sum())
+        count += o.shape[0]
+    return total / max(count, 1)
+
+
+def _layer_guard(layer: nn.Module, subs: dict[str, nn.Module], fallback: dict[str, torch.Tensor],
+                 recs: list[dict], inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict,
+                 ) -> list[torch.Tensor]:
+    """Keep the per-sublayer best orders or SparseGPT's solution for the whole layer, whichever output lies
+    closer to the dense model's; returns the kept layer's outputs (the next layer's inputs).
+
+    Per-sublayer reconstruction error does not see how errors combine through attention, the MLP and the
+    residual stream, nor how they add up over layers; this check does, at the cost of one more layer forward.
+    """
+    outs = _run_layer(layer, inputs, kwargs)
+    if not fallback:
+        return outs
+    err_best = token_error(outs, targets)
+    chosen = {name: get_weight(subs[name]).clone() for name in fallback}
+    for name, W in fallback.items():
+        set_weight(subs[name], W)
+    outs_sgpt = _run_layer(layer, inputs, kwargs)
+    err_sgpt = token_error(outs_sgpt, targets)
+    keep_sgpt = err_sgpt < err_best
+    if keep_sgpt:
+        outs = outs_sgpt
+    else:
+        for name, W in chosen.items():
+            set_weight(subs[name], W)
+    for rec in recs:
+        rec["layer_guard"] = {"kept": "sparsegpt" if keep_sgpt else "best", "error_best": round(err_best, 6),
+                              "error_sparsegpt": round(err_sgpt, 6)}
+        if keep_sgpt and rec["name"] in fallback:
+            rec["order_before_guard"] = rec["order"]
+            rec["order"] = "identity"
+            rec["rel_error"] = rec["candidate_errors"]["identity"]
+            rec["sparsity"] = round(float((get_weight(subs[rec["name"]]) == 0).float().mean()), 6)
+    log.info("layer guard: best %.5f, sparsegpt %.5f -> kept %s", err_best, err_sgpt,
+             "sparsegpt" if keep_sgpt else "best")
+    return outs
+
+
 def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progress: bool = True) -> list[dict]:
     """Prune every linear sublayer of every decoder layer in place; returns one record per sublayer."""
     check_widths(model, cfg)
     device = cfg.device
     records: list[dict] = []
     layers = decoder_layers(model)
+    guard = cfg.method == "rose" and cfg.order == "best"
     with calibration_mode(model):
         inputs, kwargs = capture_inputs(model, calib, device)
         kwargs = to_device(kwargs, device)
+        dense_inputs = inputs  # the dense model's hidden states, carried only for the layer guard
         for idx, layer in enumerate(tqdm(layers, desc=f"{cfg.method} {cfg.sparsity}", disable=not progress)):
             with on_device(layer, device):
                 subs = linear_sublayers(model, layer)
@@ -96,23 +148,32 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                 hooks = [mod.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0]))
                          for name, mod in subs.items()]
                 try:
-                    _run_layer(layer, inputs, kwargs)
+                    outs = _run_layer(layer, inputs, kwargs)
                 finally:
                     for h in hooks:
                         h.remove()
-                line = []
+                if guard:  # the dense layer's outputs on the dense stream: the guard's targets
+                    dense_inputs = outs if dense_inputs is inputs else _run_layer(layer, dense_inputs, kwargs)
+                del outs
+                line, layer_recs, fallback = [], [], {}
                 for name, mod in subs.items():
                     t0 = time.perf_counter()
                     W = get_weight(mod).float()
                     W_new, info = prune_weight(W, stats[name], cfg)
+                    if SPARSEGPT_WEIGHT in info:
+                        fallback[name] = info.pop(SPARSEGPT_WEIGHT)
                     err = reconstruction_error(W, W_new, stats[name].H)
                     set_weight(mod, W_new)
                     zeros = int((get_weight(mod) == 0).sum())
-                    records.append({"layer": idx, "name": name, "shape": list(W.shape),
-                                    "sparsity": round(zeros / W.numel(), 6), "rel_error": round(err, 6),
-                                    "seconds": round(time.perf_counter() - t0, 4), **info})
+                    layer_recs.append({"layer": idx, "name": name, "shape": list(W.shape),
+                                       "sparsity": round(zeros / W.numel(), 6), "rel_error": round(err, 6),
+                                       "seconds": round(time.perf_counter() - t0, 4), **info})
                     line.append(f"{name.split('.')[-1]}={err:.4f}" + ("*" if info.get("reordered") else ""))
                     del stats[name]
                 log.info("layer %d rel. error %s", idx, " ".join(line))  # * = reordered by ROSE
-                inputs = _run_layer(layer, inputs, kwargs)
+                if guard:
+                    inputs = _layer_guard(layer, subs, fallback, layer_recs, inputs, dense_inputs, kwargs)
+                else:
+                    inputs = _run_layer(layer, inputs, kwargs)
+                records.extend(layer_recs)
     return records

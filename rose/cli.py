@@ -85,7 +85,8 @@ def prune_options(f):
         click.option("--rose-scaler", type=click.Choice(["uniform", "reference"]), default="uniform",
                      show_default=True, help="reference reproduces the released code's 1/k sample weighting."),
         click.option("--order", type=click.Choice(["rose", "best"]), default="rose", show_default=True,
-                     help="best: per sublayer, keep the lowest-error of identity, ROSE and diag(H) orders."),
+                     help="best: per sublayer, keep the lowest-error of identity, ROSE and diag(H) orders; then per "
+                          "decoder layer, fall back to plain SparseGPT where that lies closer to the dense model."),
     ]
     for opt in reversed(opts):
         f = opt(f)

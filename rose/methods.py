@@ -19,6 +19,9 @@ from .ordering import Ordering, hessian_diag_order, identity_order, rose_order, 
 from .solver import reconstruction_error, sparsegpt
 from .stats import InputStats
 
+# info key under which `--order best` hands SparseGPT's solution to the decoder-layer check (popped there)
+SPARSEGPT_WEIGHT = "sparsegpt_weight"
+
 Method = Callable[[torch.Tensor, InputStats, PruneConfig], tuple[torch.Tensor, dict[str, Any]]]
 METHODS: dict[str, Method] = {}
 
@@ -78,12 +81,10 @@ def rose(W: torch.Tensor, stats: InputStats, cfg: PruneConfig) -> tuple[torch.Te
         stats.H, cfg.sparsity, cfg.blocksize)}
     if ordering.reordered:
         candidates["rose"] = ordering
-    best = None
-    errors = {}
-    for name, order in candidates.items():
-        W_new = _solve(W, stats, cfg, order)
-        errors[name] = reconstruction_error(W, W_new, stats.H)
-        if best is None or errors[name] < errors[best[0]]:
-            best = (name, W_new)
-    info.update(order=best[0], candidate_errors={k: round(v, 6) for k, v in errors.items()})
-    return best[1], info
+    solved = {name: _solve(W, stats, cfg, order) for name, order in candidates.items()}
+    errors = {name: reconstruction_error(W, W_new, stats.H) for name, W_new in solved.items()}
+    best = min(errors, key=errors.get)
+    info.update(order=best, candidate_errors={k: round(v, 6) for k, v in errors.items()})
+    if best != "identity":  # SparseGPT's own result, for the decoder-layer check in calibrate.py
+        info[SPARSEGPT_WEIGHT] = solved["identity"]
+    return solved[best], info

@@ -86,12 +86,17 @@ def render(table: dict, dense: dict | None) -> str:
     best = {p: table[("rose --order best", p, 0)] for p in PATTERNS if ("rose --order best", p, 0) in table}
     if best:
         out.append("\nWhich order `--order best` kept, per sublayer (of 210; seed 0): the lowest reconstruction error "
-                   "among the identity (SparseGPT), ROSE's order where the layer is columnar, and descending diag(H):\n")
+                   "among the identity (SparseGPT), ROSE's order where the layer is columnar, and descending diag(H), "
+                   "after the decoder-layer guard:\n")
         out.append("| order | " + " | ".join(HEAD[p] for p in best) + " |")
         out.append("|---|" + "---|" * len(best))
         for order, name in (("identity", "identity"), ("rose", "ROSE"), ("diag_h", "diag(H)")):
             out.append(f"| {name} | " + " | ".join(str(r.get("chosen_orders", {}).get(order, 0))
                                                    for r in best.values()) + " |")
+        if any("guarded_layers" in r for r in best.values()):
+            out.append("| decoder layers reverted to SparseGPT by the layer guard | " + " | ".join(
+                f"{r['guard_kept_sparsegpt']} of {r['guarded_layers']}" if "guarded_layers" in r else ""
+                for r in best.values()) + " |")
 
     seeds = defaultdict(dict)
     for (r, p, s), res in table.items():

@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rose.arch import all_sublayers, decoder_layers, get_weight
-from rose.calibrate import capture_inputs, prune_model
+from rose.arch import all_sublayers, decoder_layers, get_weight, set_weight
+from rose.calibrate import _layer_guard, _run_layer, capture_inputs, prune_model, token_error
 from rose.config import PruneConfig, Sparsity
 from rose.masks import is_nm
 
@@ -105,3 +105,72 @@ def test_saved_model_reloads_with_same_weights(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
+
+
+def test_token_error_is_per_token_relative():
+    y = [torch.tensor([[[3.0, 4.0], [300.0, 400.0]]])]          # token norms 5 and 500
+    off = [torch.tensor([[[3.0, 4.0 + 5.0], [300.0, 400.0 + 5.0]]])]
+    # the large token's error is tiny relative to its norm; the small token's equals its norm: (1 + 1e-4) / 2
+    assert abs(token_error(off, y) - (1.0 + 1e-4) / 2) < 1e-7  # float32 arithmetic
+    assert token_error(y, y) == 0.0
+
+
+def _guard_case(fallback_kind: str):
+    """Layer 0 of a tiny LLaMA after a 0.7 prune, with a fallback that is either the dense weight (error 0)
+    or all zeros (worse than the pruned weight): the guard must keep whichever reaches the dense outputs."""
+    model = tiny_model("llama")
+    layer = decoder_layers(model)[0]
+    subs = {n: m for n, m in all_sublayers(model).items() if n.startswith("model.layers.0.")}
+    inputs, kwargs = capture_inputs(model, calib(), "cpu")
+    with torch.no_grad():
+        targets = _run_layer(layer, inputs, kwargs)
+        dense = {n: get_weight(m).clone() for n, m in subs.items()}
+        names = ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
+        pruned = {}
+        for n in names:
+            W = dense[n]
+            pruned[n] = W.masked_fill(W.abs() < W.abs().quantile(0.7), 0)
+            set_weight(subs[n], pruned[n])
+        fallback = {n: dense[n] if fallback_kind == "dense" else torch.zeros_like(dense[n]) for n in names}
+        recs = [{"name": n, "order": "diag_h", "rel_error": 0.5, "sparsity": 0.7,
+                 "candidate_errors": {"identity": 0.4, "diag_h": 0.5}} for n in subs]
+        outs = _layer_guard(layer, subs, fallback, recs, inputs, targets, kwargs)
+    return subs, dense, pruned, recs, outs, targets
+
+
+def test_layer_guard_keeps_sparsegpt_when_its_layer_output_is_closer():
+    subs, dense, pruned, recs, outs, targets = _guard_case("dense")
+    assert token_error(outs, targets) < 1e-10
+    for n in pruned:
+        assert torch.equal(get_weight(subs[n]), dense[n])
+    by_name = {r["name"]: r for r in recs}
+    assert all(r["layer_guard"]["kept"] == "sparsegpt" for r in recs)
+    assert by_name["model.layers.0.mlp.down_proj"]["order"] == "identity"
+    assert by_name["model.layers.0.mlp.down_proj"]["order_before_guard"] == "diag_h"
+    assert by_name["model.layers.0.mlp.down_proj"]["rel_error"] == 0.4
+    assert by_name["model.layers.0.self_attn.q_proj"]["order"] == "diag_h"  # no fallback: untouched
+
+
+def test_layer_guard_keeps_the_best_orders_when_they_are_closer():
+    subs, dense, pruned, recs, outs, targets = _guard_case("zeros")
+    for n in pruned:
+        assert torch.equal(get_weight(subs[n]), pruned[n])
+    g = recs[0]["layer_guard"]
+    assert g["kept"] == "best" and g["error_best"] <= g["error_sparsegpt"]
+    assert abs(token_error(outs, targets) - g["error_best"]) < 1e-6
+    assert all(r["order"] == "diag_h" for r in recs)
+
+
+def test_order_best_records_the_layer_guard():
+    model = tiny_model("llama")
+    records = prune_model(model, calib(), PruneConfig(method="rose", sparsity=Sparsity.parse("2:4"), order="best"),
+                          progress=False)
+    guarded = [r for r in records if "layer_guard" in r]
+    assert guarded, "diag(H) should beat the identity somewhere, so some layer is checked"
+    for r in guarded:
+        g = r["layer_guard"]
+        assert min(g["error_best"], g["error_sparsegpt"]) == (g["error_best"] if g["kept"] == "best"
+                                                               else g["error_sparsegpt"])
+    assert not any("sparsegpt_weight" in r for r in records)  # the fallback tensors never reach the recipe
+    for name, mod in all_sublayers(model).items():
+        assert is_nm(get_weight(mod), 2, 4), name
