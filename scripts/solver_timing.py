@@ -4,19 +4,23 @@ Calibration statistics are collected once from the dense model (every decoder la
 method solves every sublayer, the methods interleaved per sublayer so that machine load hits them alike.
 Reports seconds per method and pattern and the ratio to SparseGPT, and the time of the statistics pass that
 every method shares (a full pruning run makes it twice per layer: collect, then propagate the pruned outputs).
+With --whole-runs, it also times complete sequential pruning runs (`prune_model` on a fresh copy of the model,
+SparseGPT, ROSE and `--order best` back to back per pattern): these include the forward passes, and for
+`--order best` the decoder-layer guard's extra ones.
 Usage:
     python scripts/solver_timing.py --calib ../shared/data/wikitext2/valid.tokens.txt --out timing.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
 import torch
 
 from rose.arch import decoder_layers, get_weight, linear_sublayers
-from rose.calibrate import capture_inputs
+from rose.calibrate import capture_inputs, prune_model
 from rose.config import PruneConfig, Sparsity, versions
 from rose.data import calibration_windows
 from rose.methods import prune_weight
@@ -57,6 +61,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--patterns", default="0.5,0.7,4:8,2:4")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--whole-runs", action="store_true", help="also time complete pruning runs per method")
     args = ap.parse_args()
     model, tok = load_model(args.model)
     calib = calibration_windows(tok, args.calib, args.nsamples, args.seqlen, 0)
@@ -75,10 +80,23 @@ def main() -> None:
         for v, s in seconds.items():
             rows.append({"pattern": pattern, "variant": v, "seconds": round(s, 2),
                          "vs_sparsegpt": round(s / seconds["sparsegpt"], 2)})
+    whole = []
+    if args.whole_runs:
+        for pattern in args.patterns.split(","):
+            seconds = {}
+            for v in ("sparsegpt", "rose", "rose --order best"):
+                m = copy.deepcopy(model)
+                cfg = PruneConfig(sparsity=Sparsity.parse(pattern), **VARIANTS[v])
+                t0 = time.perf_counter()
+                prune_model(m, calib, cfg, progress=False)
+                seconds[v] = time.perf_counter() - t0
+                del m
+            whole += [{"pattern": pattern, "variant": v, "seconds": round(t, 2),
+                       "vs_sparsegpt": round(t / seconds["sparsegpt"], 2)} for v, t in seconds.items()]
     result = {"model": args.model, "sublayers": len(subs), "threads": torch.get_num_threads(),
               "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen,
                               "statistics_pass_seconds": round(collect_s, 2)},
-              "versions": versions(), "rows": rows}
+              "versions": versions(), "rows": rows, **({"whole_runs": whole} if whole else {})}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"statistics pass (one forward of every layer with hooks, {args.nsamples} x {args.seqlen} tokens): "
@@ -86,6 +104,10 @@ def main() -> None:
     print("| pattern | variant | solver seconds (all sublayers) | vs SparseGPT |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['pattern']} | {r['variant']} | {r['seconds']:.1f} | {r['vs_sparsegpt']:.2f}x |")
+    if whole:
+        print("\n| pattern | variant | whole pruning run seconds | vs SparseGPT |\n|---|---|---|---|")
+        for r in whole:
+            print(f"| {r['pattern']} | {r['variant']} | {r['seconds']:.1f} | {r['vs_sparsegpt']:.2f}x |")
 
 
 if __name__ == "__main__":
