@@ -5,7 +5,7 @@ import torch
 from rose.config import PruneConfig, Sparsity
 from rose.masks import is_nm
 from rose.methods import prune_weight
-from rose.ordering import hessian_diag_order, rose_order
+from rose.ordering import block_quantiles, hessian_diag_order, rose_order
 from rose.solver import reconstruction_error
 from rose.stats import InputStats
 
@@ -150,3 +150,15 @@ def test_reference_scaler_weights_sample_k_by_one_over_k():
     expected = sum((x ** 2).sum(0) / (k + 1) for k, x in enumerate(xs)) / len(xs)
     assert torch.allclose(st.reference_scaler, expected)
     assert torch.allclose(st.sq_norm, torch.cat(xs).pow(2).mean(0))  # uniform: every token the same
+
+
+@pytest.mark.parametrize("shape", [(64, 576), (33, 256), (5, 50)])   # short last block; all full; one short block
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.7])
+def test_block_quantiles_match_the_sort_definition(shape, p):
+    S = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+    S[:, :4] = 0.0  # ties
+    t = block_quantiles(S, p, 128)
+    for i1 in range(0, shape[1], 128):
+        blk = S[:, i1:i1 + 128]
+        expected = torch.sort(blk.flatten()).values[int(blk.numel() * p)]
+        assert torch.all(t[0, i1:i1 + 128] == expected)
