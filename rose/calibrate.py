@@ -83,13 +83,27 @@ def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> li
     return outs
 
 
+def _token_sums(o: torch.Tensor, t: torch.Tensor) -> tuple[float, int]:
+    o, t = o.float().reshape(-1, o.shape[-1]), t.float().reshape(-1, t.shape[-1])
+    return float(((o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).sum()), o.shape[0]
+
+
 def token_error(outs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     """Mean over tokens of `||y' - y||^2 / ||y||^2`: per token, as the final RMSNorm sees the hidden state."""
     total, count = 0.0, 0
     for o, t in zip(outs, targets):
-        o, t = o.float().reshape(-1, o.shape[-1]), t.float().reshape(-1, t.shape[-1])
-        total += float(((o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).sum())
-        count += o.shape[0]
+        s, n = _token_sums(o, t)
+        total, count = total + s, count + n
+    return total / max(count, 1)
+
+
+def _streamed_error(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict
+                    ) -> float:
+    """`token_error` of the layer's outputs, one sample at a time, so that no second set of outputs is held."""
+    total, count = 0.0, 0
+    for x, t in zip(inputs, targets):
+        s, n = _token_sums(_run_layer(layer, [x], kwargs)[0], t)
+        total, count = total + s, count + n
     return total / max(count, 1)
 
 
@@ -100,7 +114,8 @@ def _layer_guard(layer: nn.Module, subs: dict[str, nn.Module], fallback: dict[st
     closer to the dense model's; returns the kept layer's outputs (the next layer's inputs).
 
     Per-sublayer reconstruction error does not see how errors combine through attention, the MLP and the
-    residual stream, nor how they add up over layers; this check does, at the cost of one more layer forward.
+    residual stream, nor how they add up over layers; this check does, at the cost of one more layer forward
+    (two where SparseGPT's solution is kept, to hold only one set of outputs at a time).
     """
     outs = _run_layer(layer, inputs, kwargs)
     if not fallback:
@@ -109,11 +124,11 @@ def _layer_guard(layer: nn.Module, subs: dict[str, nn.Module], fallback: dict[st
     chosen = {name: get_weight(subs[name]).clone() for name in fallback}
     for name, W in fallback.items():
         set_weight(subs[name], W)
-    outs_sgpt = _run_layer(layer, inputs, kwargs)
-    err_sgpt = token_error(outs_sgpt, targets)
+    err_sgpt = _streamed_error(layer, inputs, targets, kwargs)
     keep_sgpt = err_sgpt < err_best
     if keep_sgpt:
-        outs = outs_sgpt
+        del outs
+        outs = _run_layer(layer, inputs, kwargs)
     else:
         for name, W in chosen.items():
             set_weight(subs[name], W)
@@ -140,7 +155,7 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
     with calibration_mode(model):
         inputs, kwargs = capture_inputs(model, calib, device)
         kwargs = to_device(kwargs, device)
-        dense_inputs = inputs  # the dense model's hidden states, carried only for the layer guard
+        dense_inputs = inputs if guard else None  # the dense model's hidden states, for the layer guard only
         for idx, layer in enumerate(tqdm(layers, desc=f"{cfg.method} {cfg.sparsity}", disable=not progress)):
             with on_device(layer, device):
                 subs = linear_sublayers(model, layer)
@@ -152,9 +167,13 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                 finally:
                     for h in hooks:
                         h.remove()
-                if guard:  # the dense layer's outputs on the dense stream: the guard's targets
-                    dense_inputs = outs if dense_inputs is inputs else _run_layer(layer, dense_inputs, kwargs)
-                del outs
+                first = guard and dense_inputs is inputs  # layer 0: both streams start from the same inputs
+                if first:
+                    dense_inputs = outs
+                del outs  # otherwise unused: the next layer's inputs come from the pruned layer
+                if guard and not first:  # the dense layer on the dense stream, in place: the guard's targets
+                    for i, x in enumerate(dense_inputs):
+                        dense_inputs[i] = _run_layer(layer, [x], kwargs)[0]
                 line, layer_recs, fallback = [], [], {}
                 for name, mod in subs.items():
                     t0 = time.perf_counter()
@@ -173,6 +192,7 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                 log.info("layer %d rel. error %s", idx, " ".join(line))  # * = reordered by ROSE
                 if guard:
                     inputs = _layer_guard(layer, subs, fallback, layer_recs, inputs, dense_inputs, kwargs)
+                    fallback.clear()
                 else:
                     inputs = _run_layer(layer, inputs, kwargs)
                 records.extend(layer_recs)

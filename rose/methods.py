@@ -81,10 +81,16 @@ def rose(W: torch.Tensor, stats: InputStats, cfg: PruneConfig) -> tuple[torch.Te
         stats.H, cfg.sparsity, cfg.blocksize)}
     if ordering.reordered:
         candidates["rose"] = ordering
-    solved = {name: _solve(W, stats, cfg, order) for name, order in candidates.items()}
-    errors = {name: reconstruction_error(W, W_new, stats.H) for name, W_new in solved.items()}
-    best = min(errors, key=errors.get)
+    errors: dict[str, float] = {}
+    best, W_best, W_identity = "", W, W
+    for name, order in candidates.items():  # hold at most the identity solution and the best so far
+        W_new = _solve(W, stats, cfg, order)
+        errors[name] = reconstruction_error(W, W_new, stats.H)
+        if name == "identity":
+            W_identity = W_new
+        if not best or errors[name] < errors[best]:
+            best, W_best = name, W_new
     info.update(order=best, candidate_errors={k: round(v, 6) for k, v in errors.items()})
     if best != "identity":  # SparseGPT's own result, for the decoder-layer check in calibrate.py
-        info[SPARSEGPT_WEIGHT] = solved["identity"]
-    return solved[best], info
+        info[SPARSEGPT_WEIGHT] = W_identity
+    return W_best, info

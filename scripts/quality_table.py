@@ -94,7 +94,7 @@ def render(table: dict, dense: dict | None) -> str:
             out.append(f"| {name} | " + " | ".join(str(r.get("chosen_orders", {}).get(order, 0))
                                                    for r in best.values()) + " |")
         if any("guarded_layers" in r for r in best.values()):
-            out.append("| decoder layers reverted to SparseGPT by the layer guard | " + " | ".join(
+            out.append("| decoder layers reverted to SparseGPT by the layer guard (of those it checked) | " + " | ".join(
                 f"{r['guard_kept_sparsegpt']} of {r['guarded_layers']}" if "guarded_layers" in r else ""
                 for r in best.values()) + " |")
 

@@ -144,6 +144,7 @@ def test_layer_guard_keeps_sparsegpt_when_its_layer_output_is_closer():
     for n in pruned:
         assert torch.equal(get_weight(subs[n]), dense[n])
     by_name = {r["name"]: r for r in recs}
+    assert by_name["model.layers.0.mlp.down_proj"]["sparsity"] == 0.0   # recomputed from the kept (dense) weight
     assert all(r["layer_guard"]["kept"] == "sparsegpt" for r in recs)
     assert by_name["model.layers.0.mlp.down_proj"]["order"] == "identity"
     assert by_name["model.layers.0.mlp.down_proj"]["order_before_guard"] == "diag_h"
@@ -174,3 +175,42 @@ def test_order_best_records_the_layer_guard():
     assert not any("sparsegpt_weight" in r for r in records)  # the fallback tensors never reach the recipe
     for name, mod in all_sublayers(model).items():
         assert is_nm(get_weight(mod), 2, 4), name
+
+
+def test_layer_guard_targets_are_the_dense_models_hidden_states(monkeypatch):
+    """Layer 1 is judged against the *dense* model's layer-1 output, not the pruned stream's; and at layer 0, where
+    both runs see the same inputs, every sublayer left in the identity order is SparseGPT's solution exactly."""
+    import rose.calibrate as engine
+
+    seen = []
+    real = engine._layer_guard
+
+    def spy(layer, subs, fallback, recs, inputs, targets, kwargs):
+        seen.append([t.clone() for t in targets])
+        return real(layer, subs, fallback, recs, inputs, targets, kwargs)
+
+    monkeypatch.setattr(engine, "_layer_guard", spy)
+    ids = calib()
+    model = tiny_model("llama")
+    records = prune_model(model, ids, PruneConfig(method="rose", sparsity=Sparsity.parse("0.7"), order="best"),
+                          progress=False)
+    dense = tiny_model("llama")
+    outs = []
+    hook = decoder_layers(dense)[1].register_forward_hook(
+        lambda m, a, o: outs.append(o[0] if isinstance(o, (tuple, list)) else o))
+    with torch.no_grad():
+        for row in ids:
+            dense(row.unsqueeze(0), use_cache=False)
+    hook.remove()
+    assert len(seen) == 2
+    for got, want in zip(seen[1], outs):
+        assert torch.allclose(got, want, atol=1e-5)
+    sgpt = tiny_model("llama")
+    prune_model(sgpt, ids, PruneConfig(method="sparsegpt", sparsity=Sparsity.parse("0.7")), progress=False)
+    subs, ref = all_sublayers(model), all_sublayers(sgpt)
+    identity0 = [r["name"] for r in records if r["layer"] == 0 and r["order"] == "identity"]
+    assert identity0
+    for r in records:
+        if r["layer"] == 0 and r["order"] == "identity":
+            name = f"model.layers.0.{r['name']}"
+            assert torch.equal(get_weight(subs[name]), get_weight(ref[name])), name
