@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -83,28 +84,20 @@ def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> li
     return outs
 
 
-def _token_sums(o: torch.Tensor, t: torch.Tensor) -> tuple[float, int]:
-    o, t = o.float().reshape(-1, o.shape[-1]), t.float().reshape(-1, t.shape[-1])
-    return float(((o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).sum()), o.shape[0]
-
-
-def token_error(outs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """Mean over tokens of `||y' - y||^2 / ||y||^2`: per token, as the final RMSNorm sees the hidden state."""
+def token_error(outs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor]) -> float:
+    """Mean over tokens of `||y' - y||^2 / ||y||^2`: per token, as the final RMSNorm sees the hidden state.
+    `outs` may be a generator, so that a layer's outputs are scored one sample at a time and never all held."""
     total, count = 0.0, 0
     for o, t in zip(outs, targets):
-        s, n = _token_sums(o, t)
-        total, count = total + s, count + n
+        o, t = o.float().reshape(-1, o.shape[-1]), t.float().reshape(-1, t.shape[-1])
+        total += float(((o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).sum())
+        count += o.shape[0]
     return total / max(count, 1)
 
 
-def _streamed_error(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict
-                    ) -> float:
-    """`token_error` of the layer's outputs, one sample at a time, so that no second set of outputs is held."""
-    total, count = 0.0, 0
-    for x, t in zip(inputs, targets):
-        s, n = _token_sums(_run_layer(layer, [x], kwargs)[0], t)
-        total, count = total + s, count + n
-    return total / max(count, 1)
+def _zero_fraction(module: nn.Module) -> float:
+    W = get_weight(module)
+    return round(int((W == 0).sum()) / W.numel(), 6)
 
 
 def _layer_guard(layer: nn.Module, subs: dict[str, nn.Module], fallback: dict[str, torch.Tensor],
@@ -124,7 +117,7 @@ def _layer_guard(layer: nn.Module, subs: dict[str, nn.Module], fallback: dict[st
     chosen = {name: get_weight(subs[name]).clone() for name in fallback}
     for name, W in fallback.items():
         set_weight(subs[name], W)
-    err_sgpt = _streamed_error(layer, inputs, targets, kwargs)
+    err_sgpt = token_error((_run_layer(layer, [x], kwargs)[0] for x in inputs), targets)
     keep_sgpt = err_sgpt < err_best
     if keep_sgpt:
         del outs
@@ -139,7 +132,7 @@ def _layer_guard(layer: nn.Module, subs: dict[str, nn.Module], fallback: dict[st
             rec["order_before_guard"] = rec["order"]
             rec["order"] = "identity"
             rec["rel_error"] = rec["candidate_errors"]["identity"]
-            rec["sparsity"] = round(float((get_weight(subs[rec["name"]]) == 0).float().mean()), 6)
+            rec["sparsity"] = _zero_fraction(subs[rec["name"]])
     log.info("layer guard: best %.5f, sparsegpt %.5f -> kept %s", err_best, err_sgpt,
              "sparsegpt" if keep_sgpt else "best")
     return outs
@@ -167,13 +160,12 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                 finally:
                     for h in hooks:
                         h.remove()
-                first = guard and dense_inputs is inputs  # layer 0: both streams start from the same inputs
-                if first:
+                if guard and idx == 0:  # both streams start from the same inputs: the pass above is the dense one
                     dense_inputs = outs
-                del outs  # otherwise unused: the next layer's inputs come from the pruned layer
-                if guard and not first:  # the dense layer on the dense stream, in place: the guard's targets
+                elif guard:  # the dense layer on the dense stream, in place: the guard's targets
                     for i, x in enumerate(dense_inputs):
                         dense_inputs[i] = _run_layer(layer, [x], kwargs)[0]
+                del outs  # otherwise unused: the next layer's inputs come from the pruned layer
                 line, layer_recs, fallback = [], [], {}
                 for name, mod in subs.items():
                     t0 = time.perf_counter()
@@ -183,9 +175,8 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                         fallback[name] = info.pop(SPARSEGPT_WEIGHT)
                     err = reconstruction_error(W, W_new, stats[name].H)
                     set_weight(mod, W_new)
-                    zeros = int((get_weight(mod) == 0).sum())
                     layer_recs.append({"layer": idx, "name": name, "shape": list(W.shape),
-                                       "sparsity": round(zeros / W.numel(), 6), "rel_error": round(err, 6),
+                                       "sparsity": _zero_fraction(mod), "rel_error": round(err, 6),
                                        "seconds": round(time.perf_counter() - t0, 4), **info})
                     line.append(f"{name.split('.')[-1]}={err:.4f}" + ("*" if info.get("reordered") else ""))
                     del stats[name]

@@ -15,7 +15,7 @@ import torch
 
 from .config import PruneConfig
 from .masks import nm_mask, row_mask, smallest_mask
-from .ordering import Ordering, hessian_diag_order, identity_order, rose_order, wanda_scores
+from .ordering import Ordering, hessian_diag_order, rose_order, wanda_scores
 from .solver import reconstruction_error, sparsegpt
 from .stats import InputStats
 
@@ -77,18 +77,18 @@ def rose(W: torch.Tensor, stats: InputStats, cfg: PruneConfig) -> tuple[torch.Te
     if cfg.order != "best":
         info["order"] = "rose" if ordering.reordered else "identity"
         return _solve(W, stats, cfg, ordering), info
-    candidates = {"identity": identity_order(W.shape[1], cfg.blocksize), "diag_h": hessian_diag_order(
-        stats.H, cfg.sparsity, cfg.blocksize)}
+    # SparseGPT's own order first; then diag(H) and, where columnar, ROSE. Only the identity solution and the
+    # best so far are held.
+    W_identity = _solve(W, stats, cfg, None)
+    errors = {"identity": reconstruction_error(W, W_identity, stats.H)}
+    best, W_best = "identity", W_identity
+    candidates = {"diag_h": hessian_diag_order(stats.H, cfg.sparsity, cfg.blocksize)}
     if ordering.reordered:
         candidates["rose"] = ordering
-    errors: dict[str, float] = {}
-    best, W_best, W_identity = "", W, W
-    for name, order in candidates.items():  # hold at most the identity solution and the best so far
+    for name, order in candidates.items():
         W_new = _solve(W, stats, cfg, order)
         errors[name] = reconstruction_error(W, W_new, stats.H)
-        if name == "identity":
-            W_identity = W_new
-        if not best or errors[name] < errors[best]:
+        if errors[name] < errors[best]:
             best, W_best = name, W_new
     info.update(order=best, candidate_errors={k: round(v, 6) for k, v in errors.items()})
     if best != "identity":  # SparseGPT's own result, for the decoder-layer check in calibrate.py
