@@ -46,8 +46,16 @@ def collect(runs: Path) -> tuple[dict, dict]:
             dense = rec
             continue
         cfg = rec["config"]
-        table[(label(cfg), cfg["sparsity"], cfg["seed"])] = rec["results"]
+        table[(label(cfg), cfg["sparsity"], cfg["seed"])] = {**rec["results"], **guard_gap(rec.get("layers", []))}
     return table, dense
+
+
+def guard_gap(records: list[dict]) -> dict:
+    """How far apart the layer guard's two candidates were: relative gap between the two layer errors, in %."""
+    guards = {r["layer"]: r["layer_guard"] for r in records if "layer_guard" in r}
+    gaps = sorted(abs(g["error_best"] - g["error_sparsegpt"]) / g["error_sparsegpt"] * 100
+                  for g in guards.values() if g["error_sparsegpt"] > 0)
+    return {"guard_gap_median_pct": statistics.median(gaps), "guard_gap_max_pct": gaps[-1]} if gaps else {}
 
 
 def render(table: dict, dense: dict | None) -> str:
@@ -97,6 +105,9 @@ def render(table: dict, dense: dict | None) -> str:
             out.append("| decoder layers reverted to SparseGPT by the layer guard (of those it checked) | " + " | ".join(
                 f"{r['guard_kept_sparsegpt']} of {r['guarded_layers']}" if "guarded_layers" in r else ""
                 for r in best.values()) + " |")
+            out.append("| gap between the guard's two layer errors, median (max) | " + " | ".join(
+                f"{r['guard_gap_median_pct']:.2f}% ({r['guard_gap_max_pct']:.2f}%)" if "guard_gap_median_pct" in r
+                else "" for r in best.values()) + " |")
 
     seeds = defaultdict(dict)
     for (r, p, s), res in table.items():
