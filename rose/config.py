@@ -77,10 +77,14 @@ class PruneConfig:
 
 
 def versions() -> dict[str, str]:
-    """Library versions that affect the result, for the recipe and manifests."""
+    """Library versions that affect the result, for the recipe and manifests, and torch's CPU thread count: it
+    changes LAPACK's Cholesky in the last bits, which moves SparseGPT's masks (55.12 against 55.44 perplexity at
+    50%, README)."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
+    import torch
+
+    out = {"python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
     for pkg in ("rose", "torch", "transformers", "datasets", "safetensors", "onnx", "onnxruntime-gpu"):
         try:
             out[pkg] = md.version(pkg)

@@ -6,6 +6,10 @@
 # Each run keeps its rose_recipe.json (timings, per-sublayer records, perplexity) under RUNS_DIR; the weights
 # are deleted to save disk. Render with: python scripts/quality_table.py RUNS_DIR
 set -euo pipefail
+# torch's CPU thread count changes LAPACK's Cholesky in its last bits, and that moves SparseGPT's masks (at 50%
+# seed 0: 55.12 perplexity on 2 threads, 55.44 on 1). Every cell of the table runs on one thread, so that cells
+# compare like with like and a rerun matches bit for bit; each recipe records the count (versions.torch_threads).
+export OMP_NUM_THREADS=${ROSE_THREADS:-1}
 runs=$1; seed=$2; shift 2
 data=${ROSE_DATA:-../shared/data/wikitext2}
 common=(--calib "$data/valid.tokens.txt" --nsamples 64 --seqlen 512 --seed "$seed"

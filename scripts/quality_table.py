@@ -46,7 +46,9 @@ def collect(runs: Path) -> tuple[dict, dict]:
             dense = rec
             continue
         cfg = rec["config"]
-        table[(label(cfg), cfg["sparsity"], cfg["seed"])] = {**rec["results"], **guard_gap(rec.get("layers", []))}
+        threads = rec.get("versions", {}).get("torch_threads", "unrecorded")
+        table[(label(cfg), cfg["sparsity"], cfg["seed"])] = {**rec["results"], **guard_gap(rec.get("layers", [])),
+                                                             "torch_threads": threads}
     return table, dense
 
 
@@ -59,7 +61,12 @@ def guard_gap(records: list[dict]) -> dict:
 
 
 def render(table: dict, dense: dict | None) -> str:
-    out = []
+    # the thread count moves SparseGPT's masks (scripts/quality_runs.sh): say whether the cells are comparable
+    threads = defaultdict(int)
+    for res in table.values():
+        threads[res["torch_threads"]] += 1
+    out = ["torch CPU threads: " + ", ".join(f"{t} in {n} of {len(table)} runs" for t, n in sorted(threads.items()))
+           + ("" if len(threads) == 1 else " (cells that differ in threads are not computed alike)") + "\n"]
     labels = [r for r in ROWS if any(k[0] == r for k in table)] + sorted(
         {k[0] for k in table} - set(ROWS))
     main = [r for r in labels if r in ROWS]

@@ -26,6 +26,7 @@ def test_prune_writes_model_and_recipe(tiny_dir, calib_file, tmp_path):
     cfg = recipe["config"]
     assert (cfg["method"], cfg["sparsity"], cfg["nsamples"], cfg["seqlen"], cfg["seed"]) == ("rose", "2:4", 4, 32, 0)
     assert cfg["calib"] == str(calib_file) and "torch" in recipe["versions"]
+    assert int(recipe["versions"]["torch_threads"]) >= 1
     assert len(recipe["layers"]) == 14 and {"rel_error", "sparsity", "relative_range", "reordered", "order"} <= set(
         recipe["layers"][0])
     assert recipe["results"]["eval"]["windows"] == 4 and recipe["results"]["eval"]["perplexity"] > 1
