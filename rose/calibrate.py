@@ -148,7 +148,7 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
     with calibration_mode(model):
         inputs, kwargs = capture_inputs(model, calib, device)
         kwargs = to_device(kwargs, device)
-        dense_inputs = inputs if guard else None  # the dense model's hidden states, for the layer guard only
+        dense_inputs: list[torch.Tensor] = []  # the dense model's hidden states, for the layer guard only
         for idx, layer in enumerate(tqdm(layers, desc=f"{cfg.method} {cfg.sparsity}", disable=not progress)):
             with on_device(layer, device):
                 subs = linear_sublayers(model, layer)

@@ -208,9 +208,7 @@ def test_layer_guard_targets_are_the_dense_models_hidden_states(monkeypatch):
     sgpt = tiny_model("llama")
     prune_model(sgpt, ids, PruneConfig(method="sparsegpt", sparsity=Sparsity.parse("0.7")), progress=False)
     subs, ref = all_sublayers(model), all_sublayers(sgpt)
-    identity0 = [r["name"] for r in records if r["layer"] == 0 and r["order"] == "identity"]
+    identity0 = [f"model.layers.0.{r['name']}" for r in records if r["layer"] == 0 and r["order"] == "identity"]
     assert identity0
-    for r in records:
-        if r["layer"] == 0 and r["order"] == "identity":
-            name = f"model.layers.0.{r['name']}"
-            assert torch.equal(get_weight(subs[name]), get_weight(ref[name])), name
+    for name in identity0:
+        assert torch.equal(get_weight(subs[name]), get_weight(ref[name])), name
