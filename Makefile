@@ -22,7 +22,7 @@ $(BIN)/rose-export: pyproject.toml cpp/sparse24.cpp cpp/sparse24.h cpp/torch_ops
 	$(BIN)/pip install --quiet loguru
 	# rose's C++ 2:4 CPU kernel (cpp/), built once into the torch extensions cache; without a compiler rose
 	# warns once and runs the same operators in pure PyTorch
-	$(BIN)/python -c "from export.cpu24 import ensure_ops; print('C++ 2:4 kernel:', ensure_ops())"
+	$(BIN)/python -c "from runtime.cpu24 import ensure_ops; print('C++ 2:4 kernel:', ensure_ops())"
 	touch $@
 
 install: $(BIN)/rose-export

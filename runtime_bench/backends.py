@@ -100,7 +100,7 @@ def _ort(provider: str) -> Callable[[], str | None]:
 
 
 def _cpp() -> str | None:
-    from export.cpu24 import ensure_ops
+    from runtime.cpu24 import ensure_ops
 
     isa = ensure_ops()
     return "rose's C++ kernel did not build here (pure-PyTorch fallback only)" if isa == "pytorch-fallback" else None
@@ -153,7 +153,7 @@ def _ort_linear(provider: str, packed: bool) -> Callable[[torch.Tensor, torch.dt
 
 
 def _cpp_linear(W: torch.Tensor, dtype: torch.dtype, threads: int) -> LinearOp:
-    from export.cpu24 import DTYPES, TILE_BYTES, Sparse24Linear
+    from runtime.cpu24 import DTYPES, TILE_BYTES, Sparse24Linear
 
     if dtype not in DTYPES:
         raise Unsupported(f"the C++ 2:4 kernel takes float32 or bfloat16 values, not {dtype}")

@@ -268,15 +268,17 @@ def cpp_model():
     def build(source, dtype: torch.dtype, threads: int) -> TorchRunner:
         import copy
 
-        from export.cpu24 import DTYPES, load_packed24_cpu, sparsify
+        from runtime.cpu24 import DTYPES, load_packed24_cpu, sparsify
 
         if dtype not in DTYPES:
             raise Unsupported(f"the C++ 2:4 kernel takes float32 or bfloat16 values, not {dtype}")
         packed = source.export / "packed24" if source.export else None
         if packed is not None and (packed / "model.safetensors").is_file():
             return TorchRunner(load_packed24_cpu(packed, dtype), "cpu")
+        from rose.arch import all_sublayers
+
         model = copy.deepcopy(source.model("cpu", dtype))
-        sparsify(model)
+        sparsify(model, all_sublayers(model))
         return TorchRunner(model, "cpu")
     return build
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_model
-from rose.errors import RoseError
+from runtime.errors import RoseRuntimeError as RoseError
 
-from export import cpu24
-from export import cpu24_reference as ref
+from runtime import cpu24
+from runtime import cpu24_reference as ref
 
 ISA = cpu24.ensure_ops()
 PATHS = ["scalar", "avx2", "avx512"]
@@ -195,7 +195,7 @@ def test_fallback_without_the_cpp_build_warns_once_and_agrees(tmp_path):
     script = tmp_path / "fallback.py"
     script.write_text(
         "import warnings, torch\n"
-        "from export import cpu24\n"
+        "from runtime import cpu24\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    print(cpu24.ensure_ops(), cpu24.ensure_ops())\n"

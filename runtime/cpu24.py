@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rose.errors import RoseError, first_line
+from .errors import RoseRuntimeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _call(op: str, *args, what: str = "weight"):
     try:
         return getattr(torch.ops.rose, op)(*args)
     except RuntimeError as exc:
-        raise RoseError(f"{what}: {first_line(exc).removeprefix('sparse24: ')}") from None
+        raise RoseRuntimeError(f"{what}: {first_line(exc).removeprefix('sparse24: ')}") from None
 
 
 def pack(W: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,9 +109,9 @@ class Sparse24Linear(nn.Module):
                  name: str = "weight"):
         super().__init__()
         if isa not in ISAS:
-            raise RoseError(f"unknown code path {isa!r}: choose from {', '.join(ISAS)}")
+            raise RoseRuntimeError(f"unknown code path {isa!r}: choose from {', '.join(ISAS)}")
         if values.dtype not in DTYPES:
-            raise RoseError(f"{name}: the C++ 2:4 kernel holds float32 or bfloat16 values, not {values.dtype}")
+            raise RoseRuntimeError(f"{name}: the C++ 2:4 kernel holds float32 or bfloat16 values, not {values.dtype}")
         self.in_features, self.out_features, self.name = cols, rows, name
         self.register_buffer("values", values)
         self.register_buffer("masks", masks)
@@ -127,9 +128,9 @@ class Sparse24Linear(nn.Module):
                    dtype: torch.dtype | None = None, **kw) -> "Sparse24Linear":
         dtype = dtype or weight.dtype
         if dtype not in DTYPES:
-            raise RoseError(f"{name}: the C++ 2:4 kernel takes float32 or bfloat16 weights, not {dtype}")
+            raise RoseRuntimeError(f"{name}: the C++ 2:4 kernel takes float32 or bfloat16 weights, not {dtype}")
         if weight.dim() != 2 or weight.shape[1] % 4:
-            raise RoseError(f"{name}: a 2:4 weight needs a 2-D shape with columns a multiple of 4, got "
+            raise RoseRuntimeError(f"{name}: a 2:4 weight needs a 2-D shape with columns a multiple of 4, got "
                             f"{tuple(weight.shape)}")
         values, masks = pack(weight.to(dtype), name)
         return cls(values, masks, weight.shape[0], weight.shape[1], bias, name=name, **kw)
@@ -162,23 +163,37 @@ class Sparse24Linear(nn.Module):
             return torch.ops.rose.sparse24_linear(x, self.values, self.masks, self.out_features, self.in_features,
                                                   self.bias, self.isa, self.dense_from, TILE_BYTES)
         except RuntimeError as exc:
-            raise RoseError(f"{self.name}: {first_line(exc).removeprefix('sparse24: ')}") from None
+            raise RoseRuntimeError(f"{self.name}: {first_line(exc).removeprefix('sparse24: ')}") from None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.values.dtype}, "
                 f"bias={self.bias is not None}")
 
 
-def sparsify(model: nn.Module, dtype: torch.dtype | None = None, **kw) -> list[str]:
-    """Swap every prunable linear of the decoder layers for a `Sparse24Linear` in place; returns their names.
-    A layer that is not 2:4 is an error naming it. Other modules (embeddings, lm_head, norms) stay as they are."""
-    from rose.arch import all_sublayers
+def _linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer of a model except its output embedding (`lm_head`), which 2:4 pruning leaves dense."""
+    try:  # GPT-2 style models store linear weights transposed
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head}
 
+
+def sparsify(model: nn.Module, names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+             **kw) -> list[str]:
+    """Swap linears for `Sparse24Linear` in place; returns their names. `names` picks them (rose's pruned layers,
+    say); by default every linear but the output embedding. One that is not 2:4, or not an `nn.Linear`, is an
+    error naming it. Other modules (embeddings, lm_head, norms) stay as they are."""
     ensure_ops()
+    found = _linears(model)
+    chosen = list(found) if names is None else list(names)
     swapped = []
-    for name, module in all_sublayers(model).items():
+    for name in chosen:
+        module = found.get(name) or model.get_submodule(name)
         if not isinstance(module, nn.Linear):
-            raise RoseError(f"{name} is a {type(module).__name__}; the C++ 2:4 kernel replaces nn.Linear layers only")
+            raise RoseRuntimeError(f"{name} is a {type(module).__name__}; the C++ 2:4 kernel replaces nn.Linear "
+                                   f"layers only")
         parent, _, child = name.rpartition(".")
         new = Sparse24Linear.from_linear(module, name, dtype or module.weight.dtype, **kw)
         setattr(model.get_submodule(parent), child, new)
@@ -201,10 +216,10 @@ def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.
     stored = load_file(path / WEIGHTS)
     floats = [t.dtype for t in stored.values() if t.is_floating_point()]
     if not floats:
-        raise RoseError(f"{path / WEIGHTS} holds no floating-point tensors: re-export it")
+        raise RoseRuntimeError(f"{path / WEIGHTS} holds no floating-point tensors: re-export it")
     dtype = dtype or floats[0]
     if dtype not in DTYPES:
-        raise RoseError(f"the C++ 2:4 kernel takes float32 or bfloat16; pass dtype=torch.float32 for {path}")
+        raise RoseRuntimeError(f"the C++ 2:4 kernel takes float32 or bfloat16; pass dtype=torch.float32 for {path}")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed = [name[: -len(".compressed")] for name in stored if name.endswith(".compressed")]
@@ -220,6 +235,6 @@ def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
-        raise RoseError(f"{path} does not match its config: no weights for {left[:4]}")
+        raise RoseRuntimeError(f"{path} does not match its config: no weights for {left[:4]}")
     return model.eval()
 
