@@ -9,46 +9,36 @@ are always fp32 and `semi-structured` has its own `semi_dtype`.
 from __future__ import annotations
 
 import logging
-import shutil
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rose.config import PruneConfig
+from rose.config import PruneConfig, parse_list
 from rose.errors import RoseError
 from rose.outputs import atomic_output, check_output
 
 from . import manifest as mf
-from .source import DTYPES, Source, cast, copy_all, copy_aux, dtype_name, not_24, open_source, require_24, write_hf
+from .formats import FORMATS, SCRATCH, ExportContext, run
+from .source import DTYPES, Source, dtype_name, not_24, open_source, require_24
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("hf", "packed24", "semi-structured", "onnx", "onnx-packed24")
-NEEDS_24 = ("packed24", "semi-structured", "onnx-packed24")
-SCRATCH = ".scratch"  # inside the temporary output; removed before it is moved into place
 
 
 def parse_formats(formats: str | Iterable[str] | None) -> list[str] | None:
     """Canonical list of the requested formats (None: every one that applies); unknown names are an error."""
     if formats is None:
         return None
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    names = [f.strip() for f in items if f.strip()]
-    if not names:
-        raise RoseError(f"--formats is empty: choose from {', '.join(FORMATS)}")
-    unknown = [f for f in names if f not in FORMATS]
-    if unknown:
-        raise RoseError(f"unknown format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
+    names = parse_list(formats, "--formats", choices=FORMATS, what="format")
     return [f for f in FORMATS if f in names]
 
 
 def resolve_formats(src: Source, formats: list[str] | None) -> list[str]:
-    """Default: all five for a 2:4 checkpoint, else hf and onnx. Explicit 2:4 formats must fit the weights."""
+    """Default: every format for a 2:4 checkpoint, else those that need no 2:4. Explicit 2:4 formats must fit."""
     if formats is None:
-        return list(FORMATS) if src.linears and not not_24(src) else ["hf", "onnx"]
+        is_24 = bool(src.linears) and not not_24(src)
+        return [f for f, fmt in FORMATS.items() if is_24 or not fmt.needs_24]
     for fmt in formats:
-        if fmt in NEEDS_24:
+        if FORMATS[fmt].needs_24:
             require_24(src, fmt)
     return formats
 
@@ -69,7 +59,7 @@ def export_all(pruned_dir: Path, out: Path, formats: str | Iterable[str] | None 
         raise RoseError("--out must differ from --pruned")
     fmts = resolve_formats(src, wanted)
     with atomic_output(out, overwrite) as tmp:
-        manifest = _export_into(src, tmp, fmts, semi_dtype=semi_dtype, dtype=dtype)
+        manifest = _export_into(ExportContext(src, tmp, fmts, dtype=dtype, semi_dtype=semi_dtype))
     return manifest
 
 
@@ -82,7 +72,7 @@ def prune_and_export(model_name: str, cfg: PruneConfig, out: Path, formats: str 
 
     wanted = parse_formats(formats)
     check_dtype(dtype)
-    needs = [f for f in wanted or () if f in NEEDS_24]
+    needs = [f for f in wanted or () if FORMATS[f].needs_24]
     if needs and str(cfg.sparsity) != "2:4":
         raise RoseError(f"format {needs[0]} needs --sparsity 2:4 (got {cfg.sparsity}): change one or the other")
     check_output(out, overwrite)
@@ -96,98 +86,18 @@ def prune_and_export(model_name: str, cfg: PruneConfig, out: Path, formats: str 
         src = open_source(hf)
         fmts = resolve_formats(src, wanted)
         label = "hf (pruned by this run)" if keep else "pruned by this run (not kept)"
-        manifest = _export_into(src, tmp, fmts, semi_dtype=semi_dtype, dtype=dtype, hf_in_place=in_place,
-                                label=label)
+        ctx = ExportContext(src, tmp, fmts, dtype=dtype, semi_dtype=semi_dtype, hf_in_place=in_place)
+        manifest = _export_into(ctx, label=label)
     return manifest
 
 
-def _export_into(src: Source, tmp: Path, fmts: list[str], *, semi_dtype: str, dtype: str | None = None,
-                 hf_in_place: bool = False, label: str | None = None) -> dict[str, Any]:
-    """Write every format into `tmp`, verify each, and finish with manifest.json."""
-    from .packed24 import write_packed24
-    from .semi_structured import write_semi_structured
-
-    infos: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, Any] = {}
-    parity: dict[str, Any] = {}
-    cast_src = cast(src, dtype) if {"hf", "packed24"} & set(fmts) else src  # what hf and packed24 store
-    for fmt in fmts:
-        if fmt.startswith("onnx"):
-            continue
-        log.info("export: %s", fmt)
-        start = time.perf_counter()
-        if fmt == "hf":
-            if cast_src is not src:
-                write_hf(cast_src, tmp / "hf")
-            elif not hf_in_place:
-                copy_all(src.path, tmp / "hf")
-            infos[fmt] = {"dtype": dtype_name(cast_src)}
-        elif fmt == "packed24":
-            infos[fmt] = write_packed24(cast_src, tmp / fmt)
-            parity[fmt] = {"round_trip": infos[fmt].pop("round_trip")}
-        elif fmt == "semi-structured":
-            infos[fmt] = write_semi_structured(src, tmp / fmt, semi_dtype)
-            skipped[fmt] = infos[fmt].pop("skipped")
-            parity[fmt] = {"cutlass_packing": infos[fmt].pop("cutlass_check")}
-        infos[fmt]["seconds"] = round(time.perf_counter() - start, 2)
-    onnx_fmts = [f for f in fmts if f.startswith("onnx")]
-    if onnx_fmts:
-        _export_onnx(src, tmp, onnx_fmts, infos, skipped, parity)
-    shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
+def _export_into(ctx: ExportContext, label: str | None = None) -> dict[str, Any]:
+    """Write every format into the temporary root, verify each, and finish with manifest.json."""
+    infos, skipped, parity = run(ctx)
+    src = ctx.src
     source = {"path": label or str(src.path.absolute()), "model": src.recipe.model, "dtype": dtype_name(src),
               "method": src.recipe.config.get("method"), "sparsity": src.recipe.config.get("sparsity"),
               "pruned_layers": len(src.linears), "layers_not_24": len(not_24(src))}
-    manifest = mf.build(tmp, source, {f: infos[f] for f in fmts}, skipped, parity)
-    mf.write(tmp, manifest)
+    manifest = mf.build(ctx.root, source, infos, skipped, parity)
+    mf.write(ctx.root, manifest)
     return manifest
-
-
-def _export_onnx(src: Source, tmp: Path, fmts: list[str], infos: dict, skipped: dict, parity: dict) -> None:
-    """Export the dense graph once, pack it if asked, and check both against PyTorch on the same prompts."""
-    from rose.models import load_model
-
-    from . import verify
-    from .onnx_export import MODEL_FILE, cache_shape, export_onnx
-    from .onnx_packed import write_packed_onnx
-
-    log.info("export: %s", ", ".join(fmts))
-    start = time.perf_counter()
-    model, tokenizer = load_model(str(src.path), dtype="float32")
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    weights = [f"{n}.weight" for n in src.linears]
-    dense_dir = tmp / "onnx" if "onnx" in fmts else tmp / SCRATCH / "onnx"
-    info = export_onnx(model, dense_dir)
-    cache = cache_shape(model)
-    ids = verify.prompt_ids(tokenizer)
-    reference = [verify.torch_greedy(model, i) for i in ids]
-    dense_sparsity = verify.initializer_sparsity(dense_dir / MODEL_FILE, state, weights)
-    dense_parity, dense_traces = verify.onnx_parity(dense_dir / MODEL_FILE, reference, ids, cache)
-    if "onnx" in fmts:
-        copy_aux(src.path, dense_dir)
-        infos["onnx"] = {**info, **dense_sparsity, "seconds": round(time.perf_counter() - start, 2)}
-        parity["onnx"] = dense_parity
-    start = time.perf_counter()
-    if "onnx-packed24" in fmts:
-        out = tmp / "onnx-packed24"
-        bad = not_24(src)
-        packed = write_packed_onnx(dense_dir, out, {w: w[: -len(".weight")] not in bad for w in weights})
-        skipped["onnx-packed24"] = packed.pop("skipped")
-        names = [w for w in weights if w not in skipped["onnx-packed24"]]
-        unpacked = verify.unpacked_weights(out / MODEL_FILE, names)
-        wrong = [n for n in names if unpacked[n].tobytes() != state[n].numpy().tobytes()]
-        if wrong:
-            raise RoseError(f"onnx-packed24 does not rebuild {', '.join(wrong[:4])} exactly: please report this")
-        result, traces = verify.onnx_parity(out / MODEL_FILE, reference, ids, cache)
-        same = verify.compare(dense_traces, traces)
-        if same["max_abs_logits"] != 0.0 or not same["greedy_identical"]:
-            raise RoseError(f"onnx-packed24 differs from onnx: max |logit diff| {same['max_abs_logits']:.2e}")
-        copy_aux(src.path, out)
-        dense_bytes = sum(f.stat().st_size for f in dense_dir.glob(f"{MODEL_FILE}*"))
-        packed_bytes = sum(f.stat().st_size for f in out.glob(f"{MODEL_FILE}*"))
-        infos["onnx-packed24"] = {**info, **packed, "weights_rebuilt": "bit-exact",
-                                  "size_ratio_to_onnx": round(packed_bytes / dense_bytes, 4),
-                                  "seconds": round(time.perf_counter() - start, 2)}
-        parity["onnx-packed24"] = {**result, "identical_to_onnx": True}
-        if packed_bytes > 0.6 * dense_bytes:
-            log.warning("onnx-packed24 is %.1f%% of the dense ONNX file (embeddings and other dense tensors are "
-                        "stored as they are)", 100 * packed_bytes / dense_bytes)

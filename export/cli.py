@@ -1,17 +1,16 @@
-"""`rose-export export` and `rose-export prune-and-export`, attached to the rose.cli group.
-
-Import order does not matter: rose.cli imports this module at its very end, when everything used here exists.
-"""
+"""The formats package's commands: `rose-export export` and `rose-export prune-and-export`."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from rose.cli import _setup_logging, main, make_config, prune_options
+from rose.clikit import config_from_options, prune_options, quiet_option, setup_logging, stack
 
-FORMATS_HELP = ("Comma-separated subset of hf, packed24, semi-structured, onnx, onnx-packed24 "
-                "[default: all five for a 2:4 model, else hf,onnx].")
+from .formats import FORMATS
+
+FORMATS_HELP = (f"Comma-separated subset of {', '.join(FORMATS)} [default: all for a 2:4 model, else "
+                f"{','.join(f for f, fmt in FORMATS.items() if not fmt.needs_24)}].")
 
 
 def _summary(manifest: dict, out: Path) -> None:
@@ -24,25 +23,21 @@ def _summary(manifest: dict, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
-def _common(f):
-    opts = [
-        click.option("--out", type=click.Path(path_type=Path), required=True,
-                     help="Output directory: one subdirectory per format plus manifest.json."),
-        click.option("--formats", default=None, help=FORMATS_HELP),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-                     help="Precision of the hf and packed24 weights [default: the checkpoint's]; "
-                          "the ONNX formats are always float32."),
-        click.option("--semi-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16",
-                     show_default=True, help="Precision of the semi-structured weights."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
-        click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+_common = stack(
+    click.option("--out", type=click.Path(path_type=Path), required=True,
+                 help="Output directory: one subdirectory per format plus manifest.json."),
+    click.option("--formats", default=None, help=FORMATS_HELP),
+    click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+                 help="Precision of the hf and packed24 weights [default: the checkpoint's]; "
+                      "the ONNX formats are always float32."),
+    click.option("--semi-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16",
+                 show_default=True, help="Precision of the semi-structured weights."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
+    quiet_option,
+)
 
 
-@main.command("export")
+@click.command("export")
 @click.option("--pruned", type=click.Path(path_type=Path), required=True,
               help="A directory written by `rose-export prune`.")
 @_common
@@ -50,21 +45,24 @@ def export_cmd(pruned, out, formats, dtype, semi_dtype, overwrite, quiet) -> Non
     """Export an existing pruned checkpoint to deployable formats, each verified, written atomically."""
     from .api import export_all
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     manifest = export_all(pruned, out, formats, overwrite, semi_dtype=semi_dtype, dtype=dtype)
     _summary(manifest, out)
 
 
-@main.command("prune-and-export")
+@click.command("prune-and-export")
 @prune_options
 @_common
 def prune_and_export_cmd(model, out, formats, dtype, semi_dtype, overwrite, quiet, **opts) -> None:
-    """Prune MODEL and write everything needed to deploy it: hf, packed24, semi-structured, onnx,
-    onnx-packed24, and manifest.json with sizes, hashes, skipped layers and parity results."""
+    """Prune MODEL and write everything needed to deploy it: every format (hf, packed24, semi-structured, onnx,
+    onnx-packed24, ...) and manifest.json with sizes, hashes, skipped layers and parity results."""
     from .api import prune_and_export
 
-    _setup_logging(quiet)
-    cfg = make_config(**opts)
+    setup_logging(quiet)
+    cfg = config_from_options(**opts)
     manifest = prune_and_export(model, cfg, out, formats, overwrite, progress=not quiet, semi_dtype=semi_dtype,
                                 dtype=dtype)
     _summary(manifest, out)
+
+
+COMMANDS = [export_cmd, prune_and_export_cmd]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rose.errors import RoseError, first_line
+from rose.models import cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class KVWrapper(nn.Module):
         super().__init__()
         self.lm = lm
         self.layers = layers
+        self.cache_kw = cache_kwarg(lm)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -54,7 +56,7 @@ class KVWrapper(nn.Module):
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True)
+                      **{self.cache_kw: cache}, use_cache=True)
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]

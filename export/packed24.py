@@ -16,7 +16,7 @@ import torch
 
 from rose.errors import RoseError
 
-from .source import Source, bit_equal, bits, copy_aux, dtype_name, require_24, set_config_dtype
+from .source import Source, bit_equal, bits, copy_aux, dtype_name, model_from_state, require_24, set_config_dtype
 
 FORMAT = "sparse-24-bitmask"
 LEGACY_VERSION = "0.14.0.1"  # the last compressed-tensors release that reads and writes sparse-24-bitmask
@@ -109,32 +109,11 @@ def read_packed24(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def packed24_config(path: Path):
-    """The model config of a packed24 directory, without the compressed-tensors entry (rose loads it itself)."""
-    from transformers import AutoConfig
-
-    if not (Path(path) / WEIGHTS).is_file():
-        raise RoseError(f"{path} is not a packed24 directory (no {WEIGHTS}): export it with --formats packed24")
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
-
-
 def load_packed24(path: Path, dtype: torch.dtype | None = None):
     """A transformers model rebuilt from a packed24 directory (dense weights, zeros restored), on the CPU."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
-    config = packed24_config(path)
+    if not (path / WEIGHTS).is_file():
+        raise RoseError(f"{path} is not a packed24 directory (no {WEIGHTS}): export it with --formats packed24")
     state = read_packed24(path)
     stored = next(t.dtype for t in state.values() if t.is_floating_point())
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    params = model.state_dict()
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if params[k].data_ptr() not in loaded]  # tied copies (lm_head) are fine
-    if unexpected or untied:
-        raise RoseError(f"{path} does not match its config: missing {untied[:4]}, unexpected {unexpected[:4]}")
-    return model.eval()
+    return model_from_state(path, state, dtype or stored)

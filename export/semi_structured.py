@@ -14,13 +14,15 @@ import torch
 
 from rose.errors import RoseError
 
-from .source import Source, bit_equal, copy_aux, require_24
+from rose.models import DTYPES
+
+from .source import Source, bit_equal, copy_aux, model_from_state, require_24, set_config_file_dtype
 
 BACKENDS = ("cusparselt", "cutlass")
 INDEX = "semi_structured.json"
 WEIGHTS = "model.safetensors"
 LAYOUT_VERSION = 1
-HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+HALF = {name: DTYPES[name] for name in ("float16", "bfloat16")}
 
 
 def _classes() -> dict[str, type]:
@@ -92,17 +94,9 @@ def write_semi_structured(src: Source, out: Path, dtype: str = "float16") -> dic
     index = {"format": "rose-semi-structured", "version": LAYOUT_VERSION, "layout": "cutlass", "dtype": dtype,
              "torch": torch.__version__, "layers": list(src.linears), "packed": packed, "dense": dense}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    _set_config_dtype(out / "config.json", dtype)
+    set_config_file_dtype(out / "config.json", dtype)
     return {"dtype": dtype, "packed_layers": len(packed), "cutlass_check": "unpacked on the CPU, bit-exact",
             "skipped": dense}
-
-
-def _set_config_dtype(path: Path, dtype: str) -> None:
-    config = json.loads(path.read_text())
-    for key in ("dtype", "torch_dtype"):
-        if key in config:
-            config[key] = dtype
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_semi_structured(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -120,25 +114,10 @@ def read_semi_structured(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return index, state
 
 
-def _dense_model(path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    params = model.state_dict()
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if params[k].data_ptr() not in loaded]
-    if unexpected or untied:
-        raise RoseError(f"{path} does not match its config: missing {untied[:4]}, unexpected {unexpected[:4]}")
-    return model.eval()
-
-
 def load_dense(path: Path, device: str = "cpu"):
     """The same weights as plain dense tensors (zeros in place): the reference for the sparse kernels."""
     index, state = read_semi_structured(path)
-    return _dense_model(Path(path), state, HALF[index["dtype"]]).to(device)
+    return model_from_state(Path(path), state, HALF[index["dtype"]]).to(device)
 
 
 def load_sparse(path: Path, device: str = "cuda", backend: str = "cusparselt"):
@@ -159,7 +138,7 @@ def load_sparse(path: Path, device: str = "cuda", backend: str = "cusparselt"):
     from safetensors.torch import load_file
 
     stored = load_file(path / WEIGHTS) if backend == "cutlass" else {}
-    model = _dense_model(path, state, HALF[index["dtype"]]).to(device)
+    model = model_from_state(path, state, HALF[index["dtype"]]).to(device)
     cls = _classes()[backend]
     sparse, dense = [], dict(index["dense"][backend])
     for module_name in index["layers"]:

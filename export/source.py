@@ -14,10 +14,10 @@ import torch
 
 from rose.config import RECIPE_NAME, Recipe
 from rose.errors import RoseError
+from rose.models import DTYPES, load_config, meta_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_NAMED = 4  # offending layers named in one error line
 
 
@@ -61,15 +61,9 @@ def open_source(path: Path) -> Source:
 
 def _linears(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
     """The decoder linears (the ones rose prunes) and all linears, found on a weightless copy of the model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from rose.arch import Conv1D, all_sublayers, is_linear
 
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(load_config(path))
     pruned = {}
     for name, module in all_sublayers(model).items():
         if f"{name}.weight" in tensors:
@@ -143,6 +137,28 @@ def set_config_dtype(config: dict, dtype: str) -> dict:
     return config
 
 
+def set_config_file_dtype(path: Path, dtype: str) -> None:
+    """`set_config_dtype` on a config.json file, rewritten sorted and indented."""
+    config = set_config_dtype(json.loads(Path(path).read_text()), dtype)
+    Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def model_from_state(path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype, config=None):
+    """A transformers model of `path`'s config holding `state` (as stored: tied weights once); a state that does
+    not match the config (a missing weight that is not a tied copy, or an unexpected one) is a one-line error."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config or load_config(path), dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if params[k].data_ptr() not in loaded]  # tied copies (lm_head) are fine
+    if unexpected or untied:
+        raise RoseError(f"{path} does not match its config: missing {untied[:4]}, unexpected {unexpected[:4]}")
+    return model.eval()
+
+
 def write_hf(src: Source, out: Path) -> None:
     """The `hf` format from (cast) tensors: one model.safetensors plus every non-weight file, config dtype updated."""
     from safetensors.torch import save_file
@@ -150,8 +166,7 @@ def write_hf(src: Source, out: Path) -> None:
     copy_aux(src.path, out)
     save_file({k: t.contiguous() for k, t in src.tensors.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
-    config = set_config_dtype(json.loads((out / "config.json").read_text()), dtype_name(src))
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    set_config_file_dtype(out / "config.json", dtype_name(src))
 
 
 def copy_aux(src_dir: Path, dst: Path) -> None:

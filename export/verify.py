@@ -38,9 +38,11 @@ def prompt_ids(tokenizer, prompts=PROMPTS) -> list[torch.Tensor]:
 def torch_greedy(model, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> Trace:
     from transformers import DynamicCache
 
-    trace, cache, step = Trace(), DynamicCache(config=model.config), ids
+    from rose.models import cache_kwarg
+
+    trace, cache, step, key = Trace(), DynamicCache(config=model.config), ids, cache_kwarg(model)
     for _ in range(new_tokens):
-        logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits[0].float().numpy()
+        logits = model(input_ids=step, **{key: cache}, use_cache=True).logits[0].float().numpy()
         trace.logits.append(logits)
         trace.tokens.append(int(logits[-1].argmax()))
         step = torch.tensor([[trace.tokens[-1]]])

@@ -3,17 +3,16 @@
 1. capture the inputs of the first decoder layer for every calibration sample;
 2. for each layer: collect statistics of every linear sublayer, prune them, then run the *pruned* layer to get
    the inputs of the next one.
-With `--order best`, a third step guards each decoder layer: the dense model's own hidden states are carried
-along, and if the layer with SparseGPT's solution for every sublayer comes closer to them than the layer with the
-per-sublayer best orders, SparseGPT's solution is kept for the whole layer.
+A method may supply a layer guard (`--order best` does, see best_order.py): it carries the dense model's hidden
+states and settles each layer after its sublayers are pruned; the loop runs it without knowing the method.
 Only the current layer (plus embeddings) sits on the compute device, so models larger than it can be pruned.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 from .arch import all_sublayers, decoder_layers, get_weight, linear_sublayers, set_weight
 from .config import PruneConfig
 from .errors import RoseError
-from .methods import SPARSEGPT_WEIGHT, prune_weight
+from .methods import Candidate, layer_guard, prune_weight
 from .offload import all_but_on_device, calibration_mode, on_device, to_device
 from .solver import reconstruction_error
 from .stats import InputStats
@@ -70,13 +69,14 @@ def capture_inputs(model: nn.Module, calib: torch.Tensor, device: str) -> tuple[
                     model(row.unsqueeze(0).to(device), use_cache=False)
     finally:
         handle.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
+    for name in ("cache", "past_key_values", "past_key_value"):  # the cache's names across transformers releases
+        kwargs.pop(name, None)
     kwargs["use_cache"] = False
     return inputs, kwargs
 
 
-def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """The layer's output hidden states for each sample."""
     outs = []
     for x in inputs:
         out = layer(x, **kwargs)
@@ -84,15 +84,18 @@ def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> li
     return outs
 
 
-def token_error(outs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor]) -> float:
-    """Mean over tokens of `||y' - y||^2 / ||y||^2`: per token, as the final RMSNorm sees the hidden state.
-    `outs` may be a generator, so that a layer's outputs are scored one sample at a time and never all held."""
-    total, count = 0.0, 0
-    for o, t in zip(outs, targets):
-        o, t = o.float().reshape(-1, o.shape[-1]), t.float().reshape(-1, t.shape[-1])
-        total += float(((o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).sum())
-        count += o.shape[0]
-    return total / max(count, 1)
+def collect_stats(layer: nn.Module, subs: dict[str, nn.Module], inputs: list[torch.Tensor], kwargs: dict,
+                  device: str) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
+    """The statistics pass: one forward of the layer over every sample with a hook on each sublayer; returns
+    their input statistics and the layer's outputs."""
+    stats = {name: InputStats(get_weight(mod).shape[1], device) for name, mod in subs.items()}
+    hooks = [mod.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0])) for name, mod in subs.items()]
+    try:
+        outs = run_layer(layer, inputs, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats, outs
 
 
 def _zero_fraction(module: nn.Module) -> float:
@@ -100,42 +103,18 @@ def _zero_fraction(module: nn.Module) -> float:
     return round(int((W == 0).sum()) / W.numel(), 6)
 
 
-def _layer_guard(layer: nn.Module, subs: dict[str, nn.Module], fallback: dict[str, torch.Tensor],
-                 recs: list[dict], inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict,
-                 ) -> list[torch.Tensor]:
-    """Keep the per-sublayer best orders or SparseGPT's solution for the whole layer, whichever output lies
-    closer to the dense model's; returns the kept layer's outputs (the next layer's inputs).
-
-    Per-sublayer reconstruction error does not see how errors combine through attention, the MLP and the
-    residual stream, nor how they add up over layers; this check does, at the cost of one more layer forward
-    (two where SparseGPT's solution is kept, to hold only one set of outputs at a time).
-    """
-    outs = _run_layer(layer, inputs, kwargs)
-    if not fallback:
-        return outs
-    err_best = token_error(outs, targets)
-    chosen = {name: get_weight(subs[name]).clone() for name in fallback}
-    for name, W in fallback.items():
-        set_weight(subs[name], W)
-    err_sgpt = token_error((_run_layer(layer, [x], kwargs)[0] for x in inputs), targets)
-    keep_sgpt = err_sgpt < err_best
-    if keep_sgpt:
-        del outs
-        outs = _run_layer(layer, inputs, kwargs)
-    else:
-        for name, W in chosen.items():
-            set_weight(subs[name], W)
-    for rec in recs:
-        rec["layer_guard"] = {"kept": "sparsegpt" if keep_sgpt else "best", "error_best": round(err_best, 6),
-                              "error_sparsegpt": round(err_sgpt, 6)}
-        if keep_sgpt and rec["name"] in fallback:
-            rec["order_before_guard"] = rec["order"]
-            rec["order"] = "identity"
-            rec["rel_error"] = rec["candidate_errors"]["identity"]
-            rec["sparsity"] = _zero_fraction(subs[rec["name"]])
-    log.info("layer guard: best %.5f, sparsegpt %.5f -> kept %s", err_best, err_sgpt,
-             "sparsegpt" if keep_sgpt else "best")
-    return outs
+def sublayer_record(layer: int, name: str, module: nn.Module, info: dict[str, Any], rel_error: float,
+                    seconds: float, fallback: Candidate | None, decision: dict | None) -> dict[str, Any]:
+    """The recipe's record of one sublayer, written once its decoder layer is settled (a layer guard may have put
+    the fallback in place of the method's first answer)."""
+    rec = {"layer": layer, "name": name, "shape": list(get_weight(module).shape), "sparsity": _zero_fraction(module),
+           "rel_error": round(rel_error, 6), "seconds": round(seconds, 4), **info}
+    if decision is not None:
+        rec["layer_guard"] = decision
+        if decision["kept"] == "sparsegpt" and fallback is not None:
+            rec["order_before_guard"], rec["order"] = rec["order"], fallback.order
+            rec["rel_error"] = fallback.rel_error
+    return rec
 
 
 def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progress: bool = True) -> list[dict]:
@@ -144,47 +123,37 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
     device = cfg.device
     records: list[dict] = []
     layers = decoder_layers(model)
-    guard = cfg.method == "rose" and cfg.order == "best"
+    guard = layer_guard(cfg)  # a strategy of the method (`--order best`), or None
     with calibration_mode(model):
         inputs, kwargs = capture_inputs(model, calib, device)
         kwargs = to_device(kwargs, device)
-        dense_inputs: list[torch.Tensor] = []  # the dense model's hidden states, for the layer guard only
         for idx, layer in enumerate(tqdm(layers, desc=f"{cfg.method} {cfg.sparsity}", disable=not progress)):
             with on_device(layer, device):
                 subs = linear_sublayers(model, layer)
-                stats = {name: InputStats(get_weight(mod).shape[1], device) for name, mod in subs.items()}
-                hooks = [mod.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0]))
-                         for name, mod in subs.items()]
-                try:
-                    outs = _run_layer(layer, inputs, kwargs)
-                finally:
-                    for h in hooks:
-                        h.remove()
-                if guard and idx == 0:  # both streams start from the same inputs: the pass above is the dense one
-                    dense_inputs = outs
-                elif guard:  # the dense layer on the dense stream, in place: the guard's targets
-                    for i, x in enumerate(dense_inputs):
-                        dense_inputs[i] = _run_layer(layer, [x], kwargs)[0]
-                del outs  # otherwise unused: the next layer's inputs come from the pruned layer
-                line, layer_recs, fallback = [], [], {}
+                run = functools.partial(run_layer, layer, kwargs=kwargs)
+                stats, outs = collect_stats(layer, subs, inputs, kwargs, device)
+                if guard is not None:
+                    guard.advance(run, outs)
+                del outs  # the next layer's inputs come from the pruned layer
+                infos, fallbacks, errors, seconds, line = {}, {}, {}, {}, []
                 for name, mod in subs.items():
                     t0 = time.perf_counter()
                     W = get_weight(mod).float()
-                    W_new, info = prune_weight(W, stats[name], cfg)
-                    if SPARSEGPT_WEIGHT in info:
-                        fallback[name] = info.pop(SPARSEGPT_WEIGHT)
-                    err = reconstruction_error(W, W_new, stats[name].H)
-                    set_weight(mod, W_new)
-                    layer_recs.append({"layer": idx, "name": name, "shape": list(W.shape),
-                                       "sparsity": _zero_fraction(mod), "rel_error": round(err, 6),
-                                       "seconds": round(time.perf_counter() - t0, 4), **info})
-                    line.append(f"{name.split('.')[-1]}={err:.4f}" + ("*" if info.get("reordered") else ""))
-                    del stats[name]
+                    result = prune_weight(W, stats[name], cfg)
+                    errors[name] = reconstruction_error(W, result.weight, stats[name].H)
+                    set_weight(mod, result.weight)
+                    infos[name], fallbacks[name] = result.info, result.fallback
+                    seconds[name] = time.perf_counter() - t0
+                    line.append(f"{name.split('.')[-1]}={errors[name]:.4f}" + ("*" if result.info.get("reordered")
+                                                                               else ""))
+                    del stats[name], result, W
                 log.info("layer %d rel. error %s", idx, " ".join(line))  # * = reordered by ROSE
-                if guard:
-                    inputs = _layer_guard(layer, subs, fallback, layer_recs, inputs, dense_inputs, kwargs)
-                    fallback.clear()
+                decision = None
+                if guard is not None:
+                    inputs, decision = guard.settle(run, subs, fallbacks, inputs)
                 else:
-                    inputs = _run_layer(layer, inputs, kwargs)
-                records.extend(layer_recs)
+                    inputs = run(inputs)
+                records += [sublayer_record(idx, name, subs[name], infos[name], errors[name], seconds[name],
+                                            fallbacks[name], decision) for name in subs]
+                del fallbacks
     return records

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,15 @@ RECIPE_NAME = "rose_recipe.json"
 RECIPE_VERSION = 1
 DEFAULT_BLOCKSIZE = 128   # SparseGPT's lazy-update block width
 DEFAULT_PERCDAMP = 0.01   # SparseGPT's damping, a fraction of mean(diag H)
+DEFAULT_THRESHOLD = 0.5   # ROSE's columnar threshold on the relative range of block losses (the paper's)
+DEFAULT_EVAL_DATA = "wikitext2"
+DEFAULT_EVAL_SEQLEN = 2048
+# the choices of PruneConfig's string fields; the CLI offers exactly these
+ROSE_ORDER_MODES = ("both", "columns", "blocks", "none")   # ablation of ROSE's two levels
+WITHIN_GROUP = ("keep", "sort")                           # N:M: columns inside a moved group
+SCALERS = ("uniform", "reference")                        # reference = the released code's 1/k weighting
+ORDERS = ("rose", "best")                                 # best = candidate search + decoder-layer guard
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -52,10 +62,11 @@ class Sparsity:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Everything that decides the pruned weights; saved verbatim into the recipe."""
+    """Everything that decides the pruned weights; saved verbatim into the recipe. Its defaults are the CLI's, and
+    it checks itself, so a library caller gets the same one-line errors as `rose-export`."""
 
-    method: str
-    sparsity: Sparsity
+    method: str = "rose"
+    sparsity: Sparsity = Sparsity(0.5)   # a Sparsity, or its text ("2:4", "0.5")
     calib: str = "wikitext2"
     nsamples: int = 128
     seqlen: int = 2048
@@ -64,28 +75,72 @@ class PruneConfig:
     blocksize: int = DEFAULT_BLOCKSIZE
     device: str = "cpu"
     # ROSE options (ignored by the other methods)
-    rose_threshold: float = 0.5
+    rose_threshold: float = DEFAULT_THRESHOLD
     rose_order: str = "both"
     rose_within_group: str = "keep"
     rose_scaler: str = "uniform"
     order: str = "rose"
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS  # the registry imports this module
+
+        if not isinstance(self.sparsity, Sparsity):
+            object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
+        choices = {"method": tuple(sorted(METHODS)), "rose_order": ROSE_ORDER_MODES,
+                   "rose_within_group": WITHIN_GROUP, "rose_scaler": SCALERS, "order": ORDERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise RoseError(f"unknown {_flag(name)} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
+        for name, low in (("nsamples", 1), ("seqlen", 2), ("blocksize", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise RoseError(f"{_flag(name)} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if not self.percdamp > 0:
+            raise RoseError(f"--percdamp must be > 0, got {self.percdamp!r}")
+        if str(self.device).split(":")[0] not in DEVICES:
+            raise RoseError(f"unknown --device {self.device!r}: use cpu or cuda")
+        if self.order == "best" and self.method != "rose":
+            raise RoseError("--order best applies to --method rose only")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sparsity"] = str(self.sparsity)
         return d
 
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of one field (the CLI shows these)."""
+        return next(f.default for f in fields(cls) if f.name == name)
 
-def versions() -> dict[str, str]:
-    """Library versions that affect the result, for the recipe and manifests, and torch's CPU thread count: it
-    changes LAPACK's Cholesky in the last bits, which moves SparseGPT's masks (55.12 against 55.44 perplexity at
-    50%, README)."""
+
+def parse_list(text: str | Iterable[str], flag: str, *, choices: Iterable[str] | None = None,
+               what: str = "value", hint: str = "") -> list[str]:
+    """`"a, b,a"` (or a list) -> `["a", "b"]`: stripped, without repeats, in order. An empty list, or an item not
+    among `choices`, is a one-line error naming `flag` (or `what`) and the choices (or `hint`)."""
+    items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
+    names = list(dict.fromkeys(i.strip() for i in items if i.strip()))
+    allowed = f": choose from {', '.join(choices)}" if choices is not None else (f": {hint}" if hint else "")
+    if not names:
+        raise RoseError(f"{flag} is empty{allowed}")
+    unknown = [n for n in names if choices is not None and n not in choices]
+    if unknown:
+        raise RoseError(f"unknown {what} {unknown[0]!r}{allowed}")
+    return names
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Library versions that affect the result (plus `extra` packages), for the recipe and manifests, and torch's
+    CPU thread count: it changes LAPACK's Cholesky in the last bits, which moves SparseGPT's masks (55.12 against
+    55.44 perplexity at 50%, README)."""
     import importlib.metadata as md
 
     import torch
 
     out = {"python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
-    for pkg in ("rose", "torch", "transformers", "datasets", "safetensors", "onnx", "onnxruntime-gpu"):
+    for pkg in ("rose", "torch", "transformers", "datasets", "safetensors", "onnx", "onnxruntime-gpu", *extra):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

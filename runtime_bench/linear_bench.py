@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .backends import Backend, Unsupported
+from .registry import Backend, Unsupported
 from .cases import (DTYPES, LINEAR_TOL, Settings, add_ratios, bandwidths, document, linear_input, linear_weight,
                     one_line, record, rel_error, split_available)
 from .memory import cuda_peak, peak_rss

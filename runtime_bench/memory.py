@@ -65,8 +65,9 @@ def peak_rss(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
-    from . import cases, model_bench
+    from . import cases
     from .backends import BACKENDS
+    from .source import ModelSource
 
     torch.set_num_threads(spec["threads"])
     backend = BACKENDS[spec["backend"]]
@@ -79,7 +80,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         x = op.to_input(cases.linear_input(spec["tokens"], W.shape[1], spec["seed"], dtype))
         op.fn(x)
     else:
-        source = model_bench.ModelSource.from_spec(spec["source"])
+        source = ModelSource.from_spec(spec["source"])
         runner = backend.model(source, dtype, spec["threads"])
         source.release()
         ids = cases.prompt_ids(spec["batch"], spec["prompt_len"], source.vocab, spec["seed"])

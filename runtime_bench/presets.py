@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rose.config import parse_list
 from rose.errors import RoseError
 
 
@@ -70,18 +71,10 @@ def preset_shapes(name: str) -> dict[Shape, list[str]]:
 
 def model_shapes(directory: Path) -> dict[Shape, list[str]]:
     """Distinct (out, in) shapes of the prunable linears of a local model (an HF dir or an export's hf/)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import torch
-
     from rose.arch import all_sublayers, get_weight
+    from rose.models import load_config, meta_model
 
-    directory = hf_dir(Path(directory))
-    config = AutoConfig.from_pretrained(directory)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(load_config(hf_dir(Path(directory))))
     out: dict[Shape, list[str]] = {}
     for name, module in all_sublayers(model).items():
         short = name.split(".", 3)[-1] if name.count(".") >= 3 else name
@@ -106,15 +99,11 @@ def hf_dir(path: Path) -> Path:
 def parse_shapes(text: str) -> list[Shape]:
     """`4096x11008,11008x4096` (OUTxIN) -> [(4096, 11008), (11008, 4096)]."""
     shapes = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
+    for item in parse_list(text, "--shapes", hint="write OUTxIN[,OUTxIN...]"):
         parts = item.lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise RoseError(f"unknown shape {item!r}: write OUTxIN with positive integers, e.g. 4096x11008")
         shapes.append((int(parts[0]), int(parts[1])))
-    if not shapes:
-        raise RoseError("--shapes is empty: write OUTxIN[,OUTxIN...]")
     return shapes
 
 

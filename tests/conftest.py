@@ -85,7 +85,7 @@ def run_cli(*args):
     """Invoke `rose-export` in-process with string arguments."""
     from click.testing import CliRunner
 
-    from rose.cli import main
+    from rose_export import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 

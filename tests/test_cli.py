@@ -119,5 +119,5 @@ def test_eval_command(tiny_dir, calib_file):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "rose.cli", "prune", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "rose_export", "prune", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--sparsity" in out.stdout and "2:4" in out.stdout

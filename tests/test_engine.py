@@ -1,10 +1,13 @@
 """The sequential calibration engine on tiny random models of three layouts (LLaMA, OPT, GPT-2 Conv1D)."""
+import functools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from rose.arch import all_sublayers, decoder_layers, get_weight, set_weight
-from rose.calibrate import _layer_guard, _run_layer, capture_inputs, prune_model, token_error
+from rose.best_order import guard_layer, token_error
+from rose.calibrate import capture_inputs, prune_model, run_layer, sublayer_record
 from rose.config import PruneConfig, Sparsity
 from rose.masks import is_nm
 
@@ -118,12 +121,15 @@ def test_token_error_is_per_token_relative():
 def _guard_case(fallback_kind: str):
     """Layer 0 of a tiny LLaMA after a 0.7 prune, with a fallback that is either the dense weight (error 0)
     or all zeros (worse than the pruned weight): the guard must keep whichever reaches the dense outputs."""
+    from rose.methods import Candidate
+
     model = tiny_model("llama")
     layer = decoder_layers(model)[0]
     subs = {n: m for n, m in all_sublayers(model).items() if n.startswith("model.layers.0.")}
     inputs, kwargs = capture_inputs(model, calib(), "cpu")
+    run = functools.partial(run_layer, layer, kwargs=kwargs)
     with torch.no_grad():
-        targets = _run_layer(layer, inputs, kwargs)
+        targets = run(inputs)
         dense = {n: get_weight(m).clone() for n, m in subs.items()}
         names = ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
         pruned = {}
@@ -131,10 +137,11 @@ def _guard_case(fallback_kind: str):
             W = dense[n]
             pruned[n] = W.masked_fill(W.abs() < W.abs().quantile(0.7), 0)
             set_weight(subs[n], pruned[n])
-        fallback = {n: dense[n] if fallback_kind == "dense" else torch.zeros_like(dense[n]) for n in names}
-        recs = [{"name": n, "order": "diag_h", "rel_error": 0.5, "sparsity": 0.7,
-                 "candidate_errors": {"identity": 0.4, "diag_h": 0.5}} for n in subs]
-        outs = _layer_guard(layer, subs, fallback, recs, inputs, targets, kwargs)
+        fallback = {n: Candidate(dense[n] if fallback_kind == "dense" else torch.zeros_like(dense[n]), 0.4,
+                                 "identity") for n in names}
+        outs, decision = guard_layer(run, subs, {n: c.weight for n, c in fallback.items()}, inputs, targets)
+    info = {"order": "diag_h", "candidate_errors": {"identity": 0.4, "diag_h": 0.5}}
+    recs = [sublayer_record(0, n, subs[n], dict(info), 0.5, 0.0, fallback.get(n), decision) for n in subs]
     return subs, dense, pruned, recs, outs, targets
 
 
@@ -180,16 +187,16 @@ def test_order_best_records_the_layer_guard():
 def test_layer_guard_targets_are_the_dense_models_hidden_states(monkeypatch):
     """Layer 1 is judged against the *dense* model's layer-1 output, not the pruned stream's; and at layer 0, where
     both runs see the same inputs, every sublayer left in the identity order is SparseGPT's solution exactly."""
-    import rose.calibrate as engine
+    import rose.best_order as best_order
 
     seen = []
-    real = engine._layer_guard
+    real = best_order.guard_layer
 
-    def spy(layer, subs, fallback, recs, inputs, targets, kwargs):
+    def spy(run, subs, fallbacks, inputs, targets):
         seen.append([t.clone() for t in targets])
-        return real(layer, subs, fallback, recs, inputs, targets, kwargs)
+        return real(run, subs, fallbacks, inputs, targets)
 
-    monkeypatch.setattr(engine, "_layer_guard", spy)
+    monkeypatch.setattr(best_order, "guard_layer", spy)
     ids = calib()
     model = tiny_model("llama")
     records = prune_model(model, ids, PruneConfig(method="rose", sparsity=Sparsity.parse("0.7"), order="best"),

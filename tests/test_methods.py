@@ -34,7 +34,7 @@ def cfg(method, sparsity):
 def test_every_group_has_n_zeros(method, pattern):
     W, _, stats = layer()
     s = Sparsity.parse(pattern)
-    W_new, _ = prune_weight(W, stats, cfg(method, pattern))
+    W_new = prune_weight(W, stats, cfg(method, pattern)).weight
     assert is_nm(W_new, s.n, s.m)
     assert (W_new == 0).sum() == W.numel() * s.n // s.m  # random weights: exactly N zeros per group
 
@@ -43,10 +43,10 @@ def test_every_group_has_n_zeros(method, pattern):
 def test_unstructured_exact(p):
     W, _, stats = layer()
     k = int(W.numel() * p)
-    assert int((prune_weight(W, stats, cfg("magnitude", str(p)))[0] == 0).sum()) == k
-    wanda = prune_weight(W, stats, cfg("wanda", str(p)))[0]
+    assert int((prune_weight(W, stats, cfg("magnitude", str(p))).weight == 0).sum()) == k
+    wanda = prune_weight(W, stats, cfg("wanda", str(p))).weight
     assert ((wanda == 0).sum(1) == int(COLS * p)).all()              # Wanda: per output row
-    solved = prune_weight(W, stats, cfg("sparsegpt", str(p)))[0]
+    solved = prune_weight(W, stats, cfg("sparsegpt", str(p))).weight
     for i1 in range(0, COLS, 128):                                   # SparseGPT: per block of 128
         blk = solved[:, i1:i1 + 128]
         assert abs(int((blk == 0).sum()) - int(blk.numel() * p)) <= 1
@@ -55,10 +55,10 @@ def test_unstructured_exact(p):
 def test_magnitude_zeroes_the_smallest():
     """The released ROSE baselines zeroed the largest weights; ours must zero the smallest."""
     W, _, stats = layer()
-    W_new, _ = prune_weight(W, stats, cfg("magnitude", "0.5"))
+    W_new = prune_weight(W, stats, cfg("magnitude", "0.5")).weight
     assert W_new.abs().max() == W.abs().max()
     assert W[W_new == 0].abs().max() <= W[W_new != 0].abs().min()
-    wanda, _ = prune_weight(W, stats, cfg("wanda", "2:4"))
+    wanda = prune_weight(W, stats, cfg("wanda", "2:4")).weight
     score = (W.abs() * stats.col_norm).reshape(ROWS, -1, 4)
     kept = (wanda != 0).reshape(ROWS, -1, 4)
     assert (score.masked_fill(~kept, float("inf")).min(2).values >= score.masked_fill(kept, -1).max(2).values).all()
@@ -68,7 +68,7 @@ def test_magnitude_zeroes_the_smallest():
 def test_sparsegpt_beats_magnitude_and_wanda(pattern):
     W, X, stats = layer(seed=3)
     H = hessian(X)
-    errors = {m: reconstruction_error(W, prune_weight(W, stats, cfg(m, pattern))[0], H)
+    errors = {m: reconstruction_error(W, prune_weight(W, stats, cfg(m, pattern)).weight, H)
               for m in ("magnitude", "wanda", "sparsegpt")}
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
     assert errors["sparsegpt"] < 0.9 * errors["wanda"], errors
@@ -76,7 +76,7 @@ def test_sparsegpt_beats_magnitude_and_wanda(pattern):
 
 def test_reconstruction_error_matches_explicit_products():
     W, X, stats = layer(seed=1)
-    W_new, _ = prune_weight(W, stats, cfg("sparsegpt", "0.5"))
+    W_new = prune_weight(W, stats, cfg("sparsegpt", "0.5")).weight
     direct = torch.linalg.norm(X @ W.T - X @ W_new.T) / torch.linalg.norm(X @ W.T)
     assert reconstruction_error(W, W_new, stats.H) == pytest.approx(float(direct), rel=1e-3)
 
@@ -85,7 +85,7 @@ def test_reconstruction_error_matches_explicit_products():
 def test_sparsity_zero_leaves_weights_unchanged(method):
     W, _, stats = layer()
     stats.H[:, 5] = stats.H[5, :] = 0  # even with a dead input
-    W_new, _ = prune_weight(W, stats, cfg(method, Sparsity(ratio=0.0)))
+    W_new = prune_weight(W, stats, cfg(method, Sparsity(ratio=0.0))).weight
     assert torch.equal(W_new, W)
 
 

@@ -66,7 +66,8 @@ def test_nm_masks_valid_in_original_coordinates_after_rose(sparsity, within):
     W, X = columnar_layer(cols=576, hot=(128, 256))
     cfg = PruneConfig(method="rose", sparsity=Sparsity.parse(sparsity), rose_threshold=0.0,
                       rose_within_group=within)
-    W_new, info = prune_weight(W, stats_for(X), cfg)
+    result = prune_weight(W, stats_for(X), cfg)
+    W_new, info = result.weight, result.info
     assert info["reordered"]
     s = cfg.sparsity
     if s.is_nm:
@@ -80,11 +81,13 @@ def test_rose_order_none_is_sparsegpt_bit_for_bit(sparsity):
     W, X = columnar_layer()
     st = stats_for(X)
     s = Sparsity.parse(sparsity)
-    a, _ = prune_weight(W, st, PruneConfig(method="sparsegpt", sparsity=s))
-    b, info = prune_weight(W, st, PruneConfig(method="rose", sparsity=s, rose_order="none"))
+    a = prune_weight(W, st, PruneConfig(method="sparsegpt", sparsity=s)).weight
+    result = prune_weight(W, st, PruneConfig(method="rose", sparsity=s, rose_order="none"))
+    b, info = result.weight, result.info
     assert torch.equal(a, b) and not info["reordered"]
     # threshold 1: the relative range of block losses never exceeds 1, so the ablation's third point is SparseGPT
-    c, info = prune_weight(W, st, PruneConfig(method="rose", sparsity=s, rose_threshold=1.0))
+    result = prune_weight(W, st, PruneConfig(method="rose", sparsity=s, rose_threshold=1.0))
+    c, info = result.weight, result.info
     assert torch.equal(a, c) and not info["reordered"] and info["relative_range"] > 0.5
 
 
@@ -94,8 +97,9 @@ def test_rose_beats_sparsegpt_on_a_columnar_layer(sparsity):
     st = stats_for(X)
     s = Sparsity.parse(sparsity)
     H = hessian(X)
-    gpt, _ = prune_weight(W, st, PruneConfig(method="sparsegpt", sparsity=s))
-    rose, info = prune_weight(W, st, PruneConfig(method="rose", sparsity=s))
+    gpt = prune_weight(W, st, PruneConfig(method="sparsegpt", sparsity=s)).weight
+    result = prune_weight(W, st, PruneConfig(method="rose", sparsity=s))
+    rose, info = result.weight, result.info
     assert info["reordered"] and info["relative_range"] > 0.5
     assert reconstruction_error(W, rose, H) < reconstruction_error(W, gpt, H)
 
@@ -122,7 +126,7 @@ def test_short_last_block_is_scaled_by_its_width():
     o = rose_order(W, torch.ones(576), Sparsity.parse("0.5"), threshold=0.0)
     assert o.blocks[0] == 64 and set(o.perm[:64].tolist()) == set(range(512, 576))
     W_new = prune_weight(W + torch.randn(8, 576) * 0.01, stats_for(torch.randn(256, 576)),
-                         PruneConfig(method="rose", sparsity=Sparsity.parse("0.5"), rose_threshold=0.0))[0]
+                         PruneConfig(method="rose", sparsity=Sparsity.parse("0.5"), rose_threshold=0.0)).weight
     assert abs(float((W_new == 0).float().mean()) - 0.5) < 0.01
 
 
@@ -136,8 +140,9 @@ def test_order_best_never_worse_than_identity():
     W, X = columnar_layer(seed=2)
     st = stats_for(X)
     s = Sparsity.parse("0.7")
-    best, info = prune_weight(W, st, PruneConfig(method="rose", sparsity=s, order="best"))
-    gpt, _ = prune_weight(W, st, PruneConfig(method="sparsegpt", sparsity=s))
+    result = prune_weight(W, st, PruneConfig(method="rose", sparsity=s, order="best"))
+    best, info = result.weight, result.info
+    gpt = prune_weight(W, st, PruneConfig(method="sparsegpt", sparsity=s)).weight
     assert set(info["candidate_errors"]) >= {"identity", "diag_h"}
     assert reconstruction_error(W, best, st.H) <= reconstruction_error(W, gpt, st.H) + 1e-6
 

@@ -1,62 +1,38 @@
-"""What the registry entries build: one-matmul ONNX graphs and sessions, and model runners (torch, torch with
-2:4 semi-structured weights, onnxruntime with the KV cache).
-
-A model runner offers `logits(ids)` (full prefill logits, fp32 CPU: the correctness gate), `prefill(ids)` (one
-forward with an empty cache, outputs ready), `first_token(ids)` (prefill + greedy pick, on the host: time to
-first token), `start(ids)` (prefill state for decoding) and `decode(state, steps)` (greedy with the KV cache).
-Every runner computes logits for every prompt position, as the exported ONNX graph does, so runtimes do the
-same work.
-"""
+"""The onnxruntime family: rose's ONNX exports (and one-matmul graphs) on onnxruntime's CPU and CUDA execution
+providers. The model runner feeds the exported causal LM with its KV cache: plain `run` on the CPU EP, IO binding
+(the cache stays on the GPU) on CUDA."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CUDA_EP = "CUDAExecutionProvider"
+from .registry import Backend, LinearOp, Unsupported, cuda, register
+
+CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
 OPSET, IR_VERSION = 18, 8  # what the exporter writes; onnx's newest IR can be ahead of onnxruntime
 ONNX_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16"}
-
-
-class Unsupported(Exception):
-    """This backend does not take this case (dtype, shape, missing export format); the message says why."""
 
 
 def elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def sparse_bytes(t: torch.Tensor) -> int:
-    """Bytes a (possibly SparseSemiStructuredTensor) weight holds: kept values and metadata."""
-    parts = [getattr(t, a, None) for a in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask")]
-    parts = [p for p in parts if isinstance(p, torch.Tensor)]
-    return sum(p.nbytes for p in parts) if parts else t.nbytes
+def _available(provider: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "onnxruntime is not installed"
+        if provider not in ort.get_available_providers():
+            return f"onnxruntime {ort.__version__} has no {provider}"
+        if provider == CUDA_EP:
+            return cuda()  # onnxruntime-gpu lists its CUDA EP even on machines without a GPU
+        return None
+    return check
 
-
-def model_weight_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += sparse_bytes(p.data if not hasattr(p, "packed") else p)
-    for m in model.modules():  # rose's C++ 2:4 modules hold their weights as buffers
-        if hasattr(m, "values") and hasattr(m, "masks") and isinstance(m.masks, torch.Tensor):
-            total += m.values.nbytes + m.masks.nbytes
-    return total
-
-
-def linear_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by the prunable linears' weights (packed or dense), the part that 2:4 shrinks."""
-    from rose.arch import all_sublayers
-
-    total = 0
-    for m in all_sublayers(model).values():
-        total += m.values.nbytes + m.masks.nbytes if hasattr(m, "masks") else sparse_bytes(m.weight)
-    return total
-
-
-# ---- onnxruntime ----------------------------------------------------------------------------------------------
 
 def ort_session(model: bytes | Path, provider: str, threads: int):
     import onnxruntime as ort
@@ -202,109 +178,23 @@ def ort_model(provider: str, fmt: str):
     return build
 
 
-# ---- torch ----------------------------------------------------------------------------------------------------
-
-class TorchRunner:
-    def __init__(self, model: torch.nn.Module, device: str):
-        self.model, self.device, self.cuda = model.eval(), device, device == "cuda"
-        self.weight_bytes, self.file_bytes = model_weight_bytes(model), None
-        self.linear_bytes = linear_weight_bytes(model)
-
-    @torch.no_grad()
-    def _forward(self, ids: torch.Tensor, cache):
-        return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-
-    def _cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(ids.to(self.device), self._cache()).float().cpu()
-
-    def prefill(self, ids: torch.Tensor):
-        return self._forward(ids.to(self.device), self._cache())
-
-    def start(self, ids: torch.Tensor):
-        cache = self._cache()
-        logits = self._forward(ids.to(self.device), cache)
-        return cache, logits[:, -1:].argmax(-1)
-
-    def first_token(self, ids: torch.Tensor):
-        return self.start(ids)[1].cpu()
-
-    def decode(self, state, steps: int) -> torch.Tensor:
-        """Greedy decoding; returns the first token and the `steps` that follow (batch x steps+1)."""
-        cache, token = state
-        tokens = [token]
-        for _ in range(steps):
-            token = self._forward(token, cache)[:, -1:].argmax(-1)
-            tokens.append(token)
-        return torch.cat(tokens, dim=1).cpu()
-
-
-def clone(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of `model` on `device` in `dtype` (the source model itself when nothing changes)."""
-    from transformers import AutoModelForCausalLM
-
-    if device == "cpu" and dtype == next(model.parameters()).dtype:
-        return model
-    with torch.device(device):
-        copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    copy.load_state_dict(model.state_dict(), strict=False)
-    copy.tie_weights()
-    return copy.eval()
-
-
-def torch_model(device: str):
-    def build(source, dtype: torch.dtype, threads: int) -> TorchRunner:
-        return TorchRunner(source.model(device, dtype), device)
+def _linear(provider: str, packed: bool) -> Callable[[torch.Tensor, torch.dtype, int], LinearOp]:
+    def build(W: torch.Tensor, dtype: torch.dtype, threads: int) -> LinearOp:
+        graph = linear_onnx(W, dtype, packed)
+        if isinstance(graph, str):
+            raise Unsupported(graph)
+        sess = ort_session(graph, provider, threads)
+        fn, to_input, to_output = ort_linear_io(sess, provider, dtype)
+        return LinearOp(fn=fn, to_input=to_input, to_output=to_output, weight_bytes=W.numel() * elem(dtype),
+                        file_bytes=len(graph))
     return build
 
 
-def cpp_model():
-    """rose's C++ kernel: straight from the packed24 export when there is one in this dtype, else the dense model
-    converted in memory (random presets, or pruned directories without packed24)."""
-    def build(source, dtype: torch.dtype, threads: int) -> TorchRunner:
-        import copy
-
-        from runtime.cpu24 import DTYPES, load_packed24_cpu, sparsify
-
-        if dtype not in DTYPES:
-            raise Unsupported(f"the C++ 2:4 kernel takes float32 or bfloat16 values, not {dtype}")
-        packed = source.export / "packed24" if source.export else None
-        if packed is not None and (packed / "model.safetensors").is_file():
-            return TorchRunner(load_packed24_cpu(packed, dtype), "cpu")
-        from rose.arch import all_sublayers
-
-        model = copy.deepcopy(source.model("cpu", dtype))
-        sparsify(model, all_sublayers(model))
-        return TorchRunner(model, "cpu")
-    return build
-
-
-def semi_model(backend: str):
-    """Loaded from the `semi-structured` export when its dtype matches, else converted in memory (random models)."""
-    def build(source, dtype: torch.dtype, threads: int) -> TorchRunner:
-        import json
-
-        from export.semi_structured import HALF, INDEX, _classes, load_sparse, why_not
-        from rose.arch import all_sublayers
-        from rose.masks import is_nm
-
-        if dtype not in HALF.values():
-            raise Unsupported(f"{backend} 2:4 kernels take float16 or bfloat16, not {dtype}")
-        semi = source.export / "semi-structured" if source.export else None
-        if semi is not None and (semi / INDEX).is_file():
-            stored = HALF[json.loads((semi / INDEX).read_text())["dtype"]]
-            if stored != dtype:
-                raise Unsupported(f"the semi-structured export holds {stored}; re-export with --semi-dtype")
-            return TorchRunner(load_sparse(semi, "cuda", backend), "cuda")
-        model = source.model("cuda", dtype)
-        cls = _classes()[backend]
-        for name, module in all_sublayers(model).items():
-            W = module.weight.data
-            if why_not(backend, tuple(W.shape), dtype) is None and is_nm(W, 2, 4):
-                module.weight = torch.nn.Parameter(cls.from_dense(W.contiguous()), requires_grad=False)
-        return TorchRunner(model, "cuda")
-    return build
+register(Backend("onnx-cpu", "cpu", False, None, _available(CPU_EP), _linear(CPU_EP, False),
+                 ort_model(CPU_EP, "onnx"), "onnxruntime CPU EP on the dense onnx export"))
+register(Backend("onnx-packed24-cpu", "cpu", True, "onnx-cpu", _available(CPU_EP), _linear(CPU_EP, True),
+                 ort_model(CPU_EP, "onnx-packed24"), "onnxruntime CPU EP on onnx-packed24 (unpacked at load)"))
+register(Backend("onnx-cuda", "cuda", False, None, _available(CUDA_EP), _linear(CUDA_EP, False),
+                 ort_model(CUDA_EP, "onnx"), "onnxruntime CUDA EP on the dense onnx export"))
+register(Backend("onnx-packed24-cuda", "cuda", True, "onnx-cuda", _available(CUDA_EP), _linear(CUDA_EP, True),
+                 ort_model(CUDA_EP, "onnx-packed24"), "onnxruntime CUDA EP on onnx-packed24"))

@@ -1,0 +1,189 @@
+"""The format registry: one entry per deployment format, each a writer plus what it needs.
+
+A writer gets the shared `ExportContext` and its own output directory, writes the format there, verifies it, and
+returns a `Written` (manifest info, parity result, layers left dense). What several formats share is made once,
+on first demand, by the context: the checkpoint cast to the requested dtype, and the dense ONNX graph with the
+PyTorch reference traces that every ONNX format is checked against. A new format is one `register(...)` here plus
+its module.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from rose.errors import RoseError
+
+from .source import Source, cast, copy_all, copy_aux, dtype_name, not_24, write_hf
+
+log = logging.getLogger(__name__)
+
+SCRATCH = ".scratch"  # inside the temporary output; removed before it is moved into place
+
+
+@dataclass
+class Written:
+    """What a writer reports for the manifest."""
+
+    info: dict[str, Any]
+    parity: dict[str, Any] | None = None
+    skipped: Any = None           # layers left dense (and why), where the format can leave some
+
+
+@dataclass
+class ExportContext:
+    """One export run: the source checkpoint, the temporary root, the options, and lazily made shared artefacts."""
+
+    src: Source
+    root: Path                    # the temporary output directory (moved into place when complete)
+    formats: list[str]
+    dtype: str | None = None      # hf and packed24 precision (None: the checkpoint's)
+    semi_dtype: str = "float16"
+    hf_in_place: bool = False     # prune-and-export saved the pruned checkpoint straight into root/hf
+    _onnx: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def cast_src(self) -> Source:
+        """The checkpoint in the requested dtype (what hf and packed24 store)."""
+        return cast(self.src, self.dtype)
+
+    def dense_onnx(self) -> dict[str, Any]:
+        """The dense ONNX graph (in root/onnx when that format is wanted, else in scratch), checked against PyTorch:
+        export info, zero-check, parity, and what packed variants compare with. Made once."""
+        if self._onnx:
+            return self._onnx
+        from rose.models import load_model
+
+        from . import verify
+        from .onnx_export import MODEL_FILE, cache_shape, export_onnx
+
+        model, tokenizer = load_model(str(self.src.path), dtype="float32")
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        weights = [f"{n}.weight" for n in self.src.linears]
+        directory = self.root / "onnx" if "onnx" in self.formats else self.root / SCRATCH / "onnx"
+        info = export_onnx(model, directory)
+        cache = cache_shape(model)
+        ids = verify.prompt_ids(tokenizer)
+        reference = [verify.torch_greedy(model, i) for i in ids]
+        sparsity = verify.initializer_sparsity(directory / MODEL_FILE, state, weights)
+        parity, traces = verify.onnx_parity(directory / MODEL_FILE, reference, ids, cache)
+        self._onnx.update(dir=directory, file=directory / MODEL_FILE, info=info, state=state, weights=weights,
+                          ids=ids, reference=reference, cache=cache, sparsity=sparsity, parity=parity, traces=traces)
+        return self._onnx
+
+
+Writer = Callable[[ExportContext, Path], Written]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    write: Writer
+    needs_24: bool          # only for 2:4 checkpoints (and in the default set only for them)
+    loaded_by: str          # what reads it back (README)
+    description: str = ""
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def run(ctx: ExportContext) -> tuple[dict[str, dict], dict[str, Any], dict[str, Any]]:
+    """Write every format of `ctx` in registry order; returns (infos, skipped, parity) for the manifest."""
+    import shutil
+
+    infos: dict[str, dict] = {}
+    skipped: dict[str, Any] = {}
+    parity: dict[str, Any] = {}
+    for name in ctx.formats:
+        log.info("export: %s", name)
+        start = time.perf_counter()
+        done = FORMATS[name].write(ctx, ctx.root / name)
+        infos[name] = {**done.info, "seconds": round(time.perf_counter() - start, 2)}
+        if done.parity is not None:
+            parity[name] = done.parity
+        if done.skipped is not None:
+            skipped[name] = done.skipped
+    shutil.rmtree(ctx.root / SCRATCH, ignore_errors=True)
+    return infos, skipped, parity
+
+
+# ---- the writers ----------------------------------------------------------------------------------------------
+
+def _hf(ctx: ExportContext, out: Path) -> Written:
+    if ctx.cast_src is not ctx.src:
+        write_hf(ctx.cast_src, out)
+    elif not ctx.hf_in_place:
+        copy_all(ctx.src.path, out)
+    return Written({"dtype": dtype_name(ctx.cast_src)})
+
+
+def _packed24(ctx: ExportContext, out: Path) -> Written:
+    from . import packed24
+
+    info = packed24.write_packed24(ctx.cast_src, out)
+    return Written(info, parity={"round_trip": info.pop("round_trip")})
+
+
+def _semi_structured(ctx: ExportContext, out: Path) -> Written:
+    from . import semi_structured
+
+    info = semi_structured.write_semi_structured(ctx.src, out, ctx.semi_dtype)
+    skipped = info.pop("skipped")
+    return Written(info, parity={"cutlass_packing": info.pop("cutlass_check")}, skipped=skipped)
+
+
+def _onnx(ctx: ExportContext, out: Path) -> Written:
+    dense = ctx.dense_onnx()  # written into `out` itself
+    copy_aux(ctx.src.path, out)
+    return Written({**dense["info"], **dense["sparsity"]}, parity=dense["parity"])
+
+
+def _onnx_packed24(ctx: ExportContext, out: Path) -> Written:
+    from . import verify
+    from .onnx_export import MODEL_FILE
+    from .onnx_packed import write_packed_onnx
+
+    dense = ctx.dense_onnx()
+    bad = not_24(ctx.src)
+    packed = write_packed_onnx(dense["dir"], out, {w: w[: -len(".weight")] not in bad for w in dense["weights"]})
+    skipped = packed.pop("skipped")
+    names = [w for w in dense["weights"] if w not in skipped]
+    unpacked = verify.unpacked_weights(out / MODEL_FILE, names)
+    wrong = [n for n in names if unpacked[n].tobytes() != dense["state"][n].numpy().tobytes()]
+    if wrong:
+        raise RoseError(f"onnx-packed24 does not rebuild {', '.join(wrong[:4])} exactly: please report this")
+    result, traces = verify.onnx_parity(out / MODEL_FILE, dense["reference"], dense["ids"], dense["cache"])
+    same = verify.compare(dense["traces"], traces)
+    if same["max_abs_logits"] != 0.0 or not same["greedy_identical"]:
+        raise RoseError(f"onnx-packed24 differs from onnx: max |logit diff| {same['max_abs_logits']:.2e}")
+    copy_aux(ctx.src.path, out)
+    dense_bytes = sum(f.stat().st_size for f in dense["dir"].glob(f"{MODEL_FILE}*"))
+    packed_bytes = sum(f.stat().st_size for f in out.glob(f"{MODEL_FILE}*"))
+    if packed_bytes > 0.6 * dense_bytes:
+        log.warning("onnx-packed24 is %.1f%% of the dense ONNX file (embeddings and other dense tensors are "
+                    "stored as they are)", 100 * packed_bytes / dense_bytes)
+    return Written({**dense["info"], **packed, "weights_rebuilt": "bit-exact",
+                    "size_ratio_to_onnx": round(packed_bytes / dense_bytes, 4)},
+                   parity={**result, "identical_to_onnx": True}, skipped=skipped)
+
+
+register(Format("hf", _hf, False, "transformers `from_pretrained`",
+                "the pruned model, `save_pretrained` (safetensors, zeros kept) + `rose_recipe.json`"))
+register(Format("packed24", _packed24, True, "`export.packed24.load_packed24`, `runtime.load_packed24_cpu`, "
+                "compressed-tensors 0.14", "2:4 weights as kept values + bitmask (legacy `sparse-24-bitmask`)"))
+register(Format("semi-structured", _semi_structured, True,
+                "`export.semi_structured.load_sparse(path, backend=...)` on CUDA",
+                "the CUTLASS 2:4 layout (kept values + reordered metadata), packed on the CPU"))
+register(Format("onnx", _onnx, False, "onnxruntime",
+                "the causal LM with KV cache (opset 18, `torch.onnx` dynamo exporter), every zero kept"))
+register(Format("onnx-packed24", _onnx_packed24, True, "onnxruntime",
+                "the same graph with 2:4 weights stored packed and rebuilt by standard ops folded at load"))

@@ -1,0 +1,110 @@
+"""`--order best` (ours, beyond the paper): a candidate search per sublayer and a guard per decoder layer.
+
+1. Per sublayer, SparseGPT in the identity order, in descending diag(H) (GPTQ's act-order) and, where the layer is
+   columnar, in ROSE's order; the lowest reconstruction error wins. SparseGPT's own solution is kept aside as the
+   fallback whenever another order won.
+2. Per decoder layer, the guard: the dense model's hidden states are carried along, and if the layer with every
+   fallback in place lands closer to them than the layer with the winners, the whole layer keeps the fallbacks.
+   A sublayer's error on its own inputs does not see how errors combine through attention, the MLP and the
+   residual stream, nor how they add up over layers; this check does, at the cost of one more layer forward on
+   each stream (two on the pruned one where the fallbacks are kept, to hold one set of outputs at a time).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import get_weight, set_weight
+from .config import PruneConfig
+from .methods import Candidate, Pruned, solve
+from .ordering import Ordering, hessian_diag_order
+from .solver import reconstruction_error
+from .stats import InputStats
+
+log = logging.getLogger(__name__)
+
+Run = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # the layer, with its current weights, on some inputs
+
+
+def search(W: torch.Tensor, stats: InputStats, cfg: PruneConfig, rose: Ordering, info: dict[str, Any]) -> Pruned:
+    """The lowest-error of the identity, diag(H) and (where columnar) ROSE orders. Only the identity solution and
+    the best so far are held."""
+    W_identity = solve(W, stats, cfg, None)
+    errors = {"identity": reconstruction_error(W, W_identity, stats.H)}
+    best, W_best = "identity", W_identity
+    candidates = {"diag_h": hessian_diag_order(stats.H, cfg.sparsity, cfg.blocksize)}
+    if rose.reordered:
+        candidates["rose"] = rose
+    for name, order in candidates.items():
+        W_new = solve(W, stats, cfg, order)
+        errors[name] = reconstruction_error(W, W_new, stats.H)
+        if errors[name] < errors[best]:
+            best, W_best = name, W_new
+    rounded = {k: round(v, 6) for k, v in errors.items()}
+    info.update(order=best, candidate_errors=rounded)
+    fallback = Candidate(W_identity, rounded["identity"], "identity") if best != "identity" else None
+    return Pruned(W_best, info, fallback)
+
+
+def token_error(outs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor]) -> float:
+    """Mean over tokens of `||y' - y||^2 / ||y||^2`: per token, as the final RMSNorm sees the hidden state.
+    `outs` may be a generator, so that a layer's outputs are scored one sample at a time and never all held."""
+    total, count = 0.0, 0
+    for o, t in zip(outs, targets):
+        o, t = o.float().reshape(-1, o.shape[-1]), t.float().reshape(-1, t.shape[-1])
+        total += float(((o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).sum())
+        count += o.shape[0]
+    return total / max(count, 1)
+
+
+def guard_layer(run: Run, subs: dict[str, nn.Module], fallbacks: dict[str, torch.Tensor],
+                inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict | None]:
+    """Keep the chosen weights or every fallback, whichever layer output lies closer to `targets`; returns the kept
+    layer's outputs (the next layer's inputs) and the decision (None when there is no fallback to weigh)."""
+    outs = run(inputs)
+    if not fallbacks:
+        return outs, None
+    err_best = token_error(outs, targets)
+    chosen = {name: get_weight(subs[name]).clone() for name in fallbacks}
+    for name, W in fallbacks.items():
+        set_weight(subs[name], W)
+    err_sgpt = token_error((run([x])[0] for x in inputs), targets)
+    keep_sgpt = err_sgpt < err_best
+    if keep_sgpt:
+        del outs
+        outs = run(inputs)
+    else:
+        for name, W in chosen.items():
+            set_weight(subs[name], W)
+    log.info("layer guard: best %.5f, sparsegpt %.5f -> kept %s", err_best, err_sgpt,
+             "sparsegpt" if keep_sgpt else "best")
+    return outs, {"kept": "sparsegpt" if keep_sgpt else "best", "error_best": round(err_best, 6),
+                  "error_sparsegpt": round(err_sgpt, 6)}
+
+
+class LayerGuard:
+    """The strategy the calibration loop runs for `--order best`: it carries the dense model's hidden states
+    (`targets`) and settles each decoder layer with `guard_layer`."""
+
+    def __init__(self) -> None:
+        self.targets: list[torch.Tensor] = []
+
+    def advance(self, run: Run, collected: list[torch.Tensor]) -> None:
+        """Before a layer is pruned: its dense outputs on the dense stream. At the first layer both streams hold
+        the same inputs, so the statistics pass's outputs (`collected`) are those; later, the dense layer runs on
+        the dense stream, in place."""
+        if not self.targets:
+            self.targets = collected
+            return
+        for i, x in enumerate(self.targets):
+            self.targets[i] = run([x])[0]
+
+    def settle(self, run: Run, subs: dict[str, nn.Module], fallbacks: dict[str, Candidate | None],
+               inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict | None]:
+        """After a layer is pruned: weigh the fallbacks (sublayer -> Candidate or None) against the chosen weights."""
+        weights = {name: c.weight for name, c in fallbacks.items() if c is not None}
+        return guard_layer(run, subs, weights, inputs, self.targets)
