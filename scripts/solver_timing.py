@@ -20,13 +20,12 @@ import time
 import torch
 
 from rose.arch import decoder_layers, get_weight, linear_sublayers
-from rose.calibrate import capture_inputs, prune_model
+from rose.calibrate import capture_inputs, collect_stats, prune_model
 from rose.config import PruneConfig, Sparsity, versions
 from rose.data import calibration_windows
 from rose.methods import prune_weight
 from rose.models import load_model
 from rose.offload import calibration_mode
-from rose.stats import InputStats
 
 VARIANTS = {"magnitude": dict(method="magnitude"), "wanda": dict(method="wanda"),
             "sparsegpt": dict(method="sparsegpt"), "rose": dict(method="rose"),
@@ -40,16 +39,8 @@ def collect(model, calib):
         inputs, kwargs = capture_inputs(model, calib, "cpu")
         for idx, layer in enumerate(decoder_layers(model)):
             subs = linear_sublayers(model, layer)
-            stats = {n: InputStats(get_weight(m).shape[1], "cpu") for n, m in subs.items()}
-            hooks = [m.register_forward_hook(lambda mod, a, o, s=stats[n]: s.add(a[0])) for n, m in subs.items()]
-            outs = []
-            for x in inputs:
-                y = layer(x, **kwargs)
-                outs.append(y[0] if isinstance(y, (tuple, list)) else y)
-            for h in hooks:
-                h.remove()
+            stats, inputs = collect_stats(layer, subs, inputs, kwargs, "cpu")
             out += [(f"{idx}.{n}", get_weight(m).float().clone(), stats[n]) for n, m in subs.items()]
-            inputs = outs
     return out
 
 

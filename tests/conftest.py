@@ -81,6 +81,38 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
     return 2.0 / X.shape[0] * X.T @ X
 
 
+def make_pruned(root: Path, sparsity: str, hidden: int = 128, name: str = "pruned") -> Path:
+    """A tiny LLaMA (hidden size `hidden`) pruned by magnitude and saved by rose under `root / name`."""
+    from rose import api
+    from rose.config import PruneConfig
+
+    tiny = root / f"tiny-{hidden}"
+    if not tiny.exists():
+        tiny_model("llama", hidden=hidden, inter=2 * hidden).save_pretrained(tiny)
+        char_tokenizer().save_pretrained(tiny)
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(f"The {i}th line of text is here, with words {i * 7}." for i in range(100)) + "\n")
+    cfg = PruneConfig(method="magnitude", sparsity=sparsity, calib=str(calib), nsamples=2, seqlen=16)
+    model, tok, recipe = api.prune(str(tiny), cfg, progress=False)
+    return api.save_pruned(model, tok, recipe, root / name)
+
+
+def random24(rows: int, cols: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Random 2:4 matrix; some groups keep fewer than two nonzeros."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    keep = W.abs().reshape(rows, cols // 4, 4).topk(2, dim=-1).indices
+    mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool).scatter_(2, keep, True).reshape(rows, cols)
+    W = W * mask
+    W[torch.rand(rows, cols, generator=g) < 0.05] = 0.0
+    return W.to(dtype)
+
+
+def rel(y: torch.Tensor, r: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest reference value."""
+    return float((y.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30))
+
+
 def run_cli(*args):
     """Invoke `rose-export` in-process with string arguments."""
     from click.testing import CliRunner

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-
-from conftest import char_tokenizer, tiny_model, one_line_error, run_cli as run
+from conftest import make_pruned, one_line_error, run_cli as run
 
 CPU_BACKENDS = ["torch-cpu", "cpp", "onnx-cpu", "onnx-packed24-cpu"]
 CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda"]
@@ -24,19 +23,9 @@ def ok(result):
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
     """A tiny LLaMA pruned 2:4 by magnitude and exported as hf, onnx and onnx-packed24."""
-    from rose import api
-    from rose.config import PruneConfig, Sparsity
-
     root = tmp_path_factory.mktemp("bench")
-    tiny = root / "tiny"
-    tiny_model("llama", hidden=64, inter=128).save_pretrained(tiny)
-    char_tokenizer().save_pretrained(tiny)
-    calib = root / "calib.txt"
-    calib.write_text("\n".join(f"Line {i} of the calibration text, {i * 3}." for i in range(60)) + "\n")
-    cfg = PruneConfig(method="magnitude", sparsity=Sparsity.parse("2:4"), calib=str(calib), nsamples=2, seqlen=16)
-    model, tok, recipe = api.prune(str(tiny), cfg, progress=False)
-    api.save_pruned(model, tok, recipe, root / "pruned")
-    ok(run("export", "--pruned", root / "pruned", "--out", root / "exp", "--formats", "hf,onnx,onnx-packed24", "-q"))
+    pruned = make_pruned(root, "2:4", hidden=64)
+    ok(run("export", "--pruned", pruned, "--out", root / "exp", "--formats", "hf,onnx,onnx-packed24", "-q"))
     return root / "exp"
 
 
@@ -60,6 +49,7 @@ def assert_skipped_cuda(doc: dict):
 
 # ---- bench linear --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_linear_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
     out = tmp_path / "lin"
     ok(run("bench", "linear", "--model", export_dir, "--shapes", "128x64", "--tokens", "1,4", "--dtypes", "fp32",
@@ -142,6 +132,7 @@ def test_gate_rejects_a_wrong_backend(monkeypatch, tmp_path):
 
 # ---- bench model ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_model_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
     out = tmp_path / "model"
     ok(run("bench", "model", "--pruned", export_dir, "--prompt-lens", "3,5", "--batch", "1,2", "--decode-tokens",
@@ -168,6 +159,7 @@ def test_model_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
     assert (out / "latency_prefill.png").is_file() and (out / "decode_tokens_per_s.png").is_file()
 
 
+@pytest.mark.slow
 def test_model_random_preset_and_onnx_needs_an_export(tmp_path):
     out = tmp_path / "random"
     ok(run("bench", "model", "--config", "tiny", "--random", "--layers", "1", "--prompt-lens", "4",
@@ -178,6 +170,7 @@ def test_model_random_preset_and_onnx_needs_an_export(tmp_path):
     assert recs["onnx-cpu"][0]["status"] == "skipped" and "--pruned" in recs["onnx-cpu"][0]["reason"]
 
 
+@pytest.mark.slow
 def test_linear_peak_rss_comes_from_a_fresh_process():
     from runtime_bench.memory import peak_rss
 

@@ -12,7 +12,7 @@ import torch
 from rose.config import PruneConfig, Sparsity
 from rose.errors import RoseError
 
-from conftest import VALID, char_tokenizer, tiny_model, one_line_error, run_cli as run
+from conftest import VALID, char_tokenizer, make_pruned, one_line_error, run_cli as run, tiny_model
 
 FORMATS = ["hf", "packed24", "semi-structured", "onnx", "onnx-packed24"]
 HIDDEN = 128  # weights must outweigh the graph for the onnx-packed24 size bound to mean anything
@@ -20,20 +20,6 @@ HIDDEN = 128  # weights must outweigh the graph for the onnx-packed24 size bound
 
 def no_leftovers(directory: Path):
     assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
-
-
-def make_pruned(root: Path, sparsity: str, hidden: int = HIDDEN, name: str = "pruned") -> Path:
-    from rose import api
-
-    tiny = root / f"tiny-{hidden}"
-    if not tiny.exists():
-        tiny_model("llama", hidden=hidden, inter=2 * hidden).save_pretrained(tiny)
-        char_tokenizer().save_pretrained(tiny)
-    calib = root / "calib.txt"
-    calib.write_text("\n".join(f"The {i}th line of text is here, with words {i * 7}." for i in range(100)) + "\n")
-    cfg = PruneConfig(method="magnitude", sparsity=Sparsity.parse(sparsity), calib=str(calib), nsamples=2, seqlen=16)
-    model, tok, recipe = api.prune(str(tiny), cfg, progress=False)
-    return api.save_pruned(model, tok, recipe, root / name)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +34,20 @@ def pruned_unstructured(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(pruned24, tmp_path_factory):
+    """Every format, the ONNX exports included (slow: tests that use it are marked so)."""
     from export.api import export_all
 
     out = tmp_path_factory.mktemp("exp") / "out"
     return out, export_all(pruned24, out)
+
+
+@pytest.fixture(scope="module")
+def written(pruned24, tmp_path_factory):
+    """The formats that need no ONNX export: hf, packed24, semi-structured."""
+    from export.api import export_all
+
+    out = tmp_path_factory.mktemp("written") / "out"
+    return out, export_all(pruned24, out, "hf,packed24,semi-structured")
 
 
 def stored(path: Path) -> dict:
@@ -62,6 +58,7 @@ def stored(path: Path) -> dict:
 
 # ---- the manifest and the output directory ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_manifest_lists_every_format_with_hashes(exported):
     from export.manifest import sha256
 
@@ -82,12 +79,12 @@ def test_manifest_lists_every_format_with_hashes(exported):
     no_leftovers(out.parent)
 
 
-def test_hf_format_is_the_pruned_checkpoint(exported, pruned24):
+def test_hf_format_is_the_pruned_checkpoint(written, pruned24):
     from transformers import AutoModelForCausalLM
 
     from rose.masks import is_nm
 
-    out, _ = exported
+    out, _ = written
     assert (out / "hf" / "rose_recipe.json").is_file() and (out / "hf" / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out / "hf")
     assert is_nm(model.model.layers[1].mlp.up_proj.weight, 2, 4)
@@ -123,11 +120,11 @@ def test_pack24_halves_half_precision(dtype):
     assert bit_equal(unpack24(compressed, bitmask, tuple(W.shape)), W)
 
 
-def test_packed24_round_trip_bit_exact(exported, pruned24):
+def test_packed24_round_trip_bit_exact(written, pruned24):
     from export.packed24 import load_packed24, read_packed24
     from export.source import bit_equal
 
-    out, manifest = exported
+    out, manifest = written
     d = out / "packed24"
     source, back, raw = stored(pruned24), read_packed24(d), stored(d)
     assert back.keys() == source.keys() and all(bit_equal(back[k], source[k]) for k in source)
@@ -189,11 +186,11 @@ def test_half_precision_refuses_overflow(pruned24):
         cast(src, "float16")
 
 
-def test_packed24_readable_by_legacy_compressed_tensors(exported, pruned24):
+def test_packed24_readable_by_legacy_compressed_tensors(written, pruned24):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
 
-    out, _ = exported
+    out, _ = written
     compressor = ModelCompressor.from_pretrained(str(out / "packed24"))
     dense = dict(compressor.sparsity_compressor.decompress(str(out / "packed24")))
     source = stored(pruned24)
@@ -203,11 +200,11 @@ def test_packed24_readable_by_legacy_compressed_tensors(exported, pruned24):
 
 # ---- semi-structured -----------------------------------------------------------------------------------------
 
-def test_semi_structured_cutlass_packing_on_cpu(exported, pruned24):
+def test_semi_structured_cutlass_packing_on_cpu(written, pruned24):
     from export.semi_structured import INDEX, cutlass_unpack, read_semi_structured
     from export.source import bit_equal
 
-    out, manifest = exported
+    out, manifest = written
     d = out / "semi-structured"
     index = json.loads((d / INDEX).read_text())
     raw, source = stored(d), stored(pruned24)
@@ -240,22 +237,22 @@ def test_semi_structured_lists_layers_a_backend_cannot_take(tmp_path):
     assert index["packed"] == [] and index["dense"] == skipped
 
 
-def test_load_sparse_without_cuda_is_one_line(exported):
+def test_load_sparse_without_cuda_is_one_line(written):
     from export.semi_structured import load_sparse
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(RoseError, match="CUDA") as err:
-        load_sparse(exported[0] / "semi-structured")
+        load_sparse(written[0] / "semi-structured")
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_check(exported):
+def test_gpu_check(written):
     from export.gpu_check import run as gpu_run
 
-    report = gpu_run(exported[0])
+    report = gpu_run(written[0])
     assert report["packing"]["ok"] and report["ok"], report
 
 
@@ -271,6 +268,7 @@ def ort_feeds(ids, past_len=0, layers=2, heads=2, dim=HIDDEN // 4, past=None):
     return feeds
 
 
+@pytest.mark.slow
 def test_onnx_graph_interface_and_kv_cache(exported, pruned24):
     import onnx
     import onnxruntime as ort
@@ -296,6 +294,7 @@ def test_onnx_graph_interface_and_kv_cache(exported, pruned24):
     assert parity["max_abs_logits"] <= 1e-3 and parity["greedy_identical"] and parity["new_tokens"] == 32
 
 
+@pytest.mark.slow
 def test_onnx_keeps_every_zero(exported, pruned24):
     import onnx
     from onnx import numpy_helper
@@ -313,6 +312,7 @@ def test_onnx_keeps_every_zero(exported, pruned24):
     assert manifest["formats"]["onnx"]["sparsity_equal"] and not manifest["formats"]["onnx"]["external_data"]
 
 
+@pytest.mark.slow
 def test_onnx_packed24_is_small_folded_and_identical(exported, pruned24):
     import onnx
     import onnxruntime as ort
@@ -338,6 +338,7 @@ def test_onnx_packed24_is_small_folded_and_identical(exported, pruned24):
     assert manifest["formats"]["onnx-packed24"]["size_ratio_to_onnx"] <= 0.6
 
 
+@pytest.mark.slow
 def test_onnx_external_data_past_the_limit(pruned24, tmp_path, monkeypatch):
     import export.onnx_export
     import export.onnx_packed
@@ -445,6 +446,7 @@ def test_prune_and_export_cli(tmp_path, calib_file):
     one_line_error(r, "needs --sparsity 2:4")
 
 
+@pytest.mark.slow
 def test_prune_and_export_dtype_leaves_onnx_fp32(tmp_path, calib_file):
     import onnx
     from onnx import numpy_helper
