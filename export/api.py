@@ -19,6 +19,7 @@ from rose.outputs import atomic_output, check_output
 
 from . import manifest as mf
 from .formats import FORMATS, SCRATCH, ExportContext, run
+from .semi_structured import DEFAULT_DTYPE as DEFAULT_SEMI_DTYPE
 from .source import DTYPES, Source, dtype_name, not_24, open_source, require_24
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def check_dtype(dtype: str | None) -> None:
 
 
 def export_all(pruned_dir: Path, out: Path, formats: str | Iterable[str] | None = None, overwrite: bool = False,
-               *, semi_dtype: str = "float16", dtype: str | None = None) -> dict[str, Any]:
+               *, semi_dtype: str = DEFAULT_SEMI_DTYPE, dtype: str | None = None) -> dict[str, Any]:
     """Export a pruned directory into `out/<format>/` plus `out/manifest.json`; returns the manifest."""
     wanted = parse_formats(formats)
     check_dtype(dtype)
@@ -64,7 +65,7 @@ def export_all(pruned_dir: Path, out: Path, formats: str | Iterable[str] | None 
 
 
 def prune_and_export(model_name: str, cfg: PruneConfig, out: Path, formats: str | Iterable[str] | None = None,
-                     overwrite: bool = False, *, progress: bool = True, semi_dtype: str = "float16",
+                     overwrite: bool = False, *, progress: bool = True, semi_dtype: str = DEFAULT_SEMI_DTYPE,
                      dtype: str | None = None) -> dict[str, Any]:
     """Prune `model_name` with `cfg`, then export it like `export_all`; the pruned checkpoint is the `hf` format
     (saved as it is, or kept aside and cast when `dtype` differs from the model's)."""

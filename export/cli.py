@@ -6,8 +6,10 @@ from pathlib import Path
 import click
 
 from rose.clikit import config_from_options, prune_options, quiet_option, setup_logging, stack
+from rose.models import DTYPES
 
 from .formats import FORMATS
+from .semi_structured import DEFAULT_DTYPE as DEFAULT_SEMI_DTYPE, HALF
 
 FORMATS_HELP = (f"Comma-separated subset of {', '.join(FORMATS)} [default: all for a 2:4 model, else "
                 f"{','.join(f for f, fmt in FORMATS.items() if not fmt.needs_24)}].")
@@ -27,10 +29,10 @@ _common = stack(
     click.option("--out", type=click.Path(path_type=Path), required=True,
                  help="Output directory: one subdirectory per format plus manifest.json."),
     click.option("--formats", default=None, help=FORMATS_HELP),
-    click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+    click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
                  help="Precision of the hf and packed24 weights [default: the checkpoint's]; "
                       "the ONNX formats are always float32."),
-    click.option("--semi-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16",
+    click.option("--semi-dtype", type=click.Choice(list(HALF)), default=DEFAULT_SEMI_DTYPE,
                  show_default=True, help="Precision of the semi-structured weights."),
     click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
     quiet_option,

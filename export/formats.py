@@ -18,6 +18,7 @@ from typing import Any
 
 from rose.errors import RoseError
 
+from .semi_structured import DEFAULT_DTYPE as DEFAULT_SEMI_DTYPE
 from .source import Source, cast, copy_all, copy_aux, dtype_name, not_24, write_hf
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class ExportContext:
     root: Path                    # the temporary output directory (moved into place when complete)
     formats: list[str]
     dtype: str | None = None      # hf and packed24 precision (None: the checkpoint's)
-    semi_dtype: str = "float16"
+    semi_dtype: str = DEFAULT_SEMI_DTYPE
     hf_in_place: bool = False     # prune-and-export saved the pruned checkpoint straight into root/hf
     _onnx: dict[str, Any] = field(default_factory=dict)
 

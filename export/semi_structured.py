@@ -23,6 +23,7 @@ INDEX = "semi_structured.json"
 WEIGHTS = "model.safetensors"
 LAYOUT_VERSION = 1
 HALF = {name: DTYPES[name] for name in ("float16", "bfloat16")}
+DEFAULT_DTYPE = "float16"
 
 
 def _classes() -> dict[str, type]:
@@ -57,7 +58,7 @@ def cutlass_unpack(packed: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return sparse_semi_structured_to_dense_cutlass(packed, meta)
 
 
-def write_semi_structured(src: Source, out: Path, dtype: str = "float16") -> dict:
+def write_semi_structured(src: Source, out: Path, dtype: str = DEFAULT_DTYPE) -> dict:
     """Write half-precision weights with every CUTLASS-eligible 2:4 linear packed, each packing checked by
     unpacking it on the CPU against the dense weight."""
     from safetensors.torch import save_file

@@ -23,3 +23,31 @@ def test_parse_invalid(text, fragment):
 def test_str_round_trip():
     for text in ("2:4", "0.5", "0.7"):
         assert str(Sparsity.parse(text)) == text
+
+
+def test_prune_config_defaults_and_text_sparsity():
+    from rose.config import PruneConfig
+
+    cfg = PruneConfig(sparsity="2:4")
+    assert cfg.sparsity == Sparsity(0.5, 2, 4) and cfg.method == PruneConfig.default("method") == "rose"
+    assert cfg.to_dict()["sparsity"] == "2:4"
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(method="obs"), "unknown --method 'obs'"),
+    (dict(method="sparsegpt", order="best"), "--order best applies to --method rose only"),
+    (dict(sparsity="3:3"), "0 < N < M"),
+    (dict(nsamples=0), "--nsamples must be an integer >= 1"),
+    (dict(seqlen=1), "--seqlen must be an integer >= 2"),
+    (dict(percdamp=0.0), "--percdamp must be > 0"),
+    (dict(device="tpu"), "unknown --device 'tpu'"),
+    (dict(rose_order="diagonal"), "unknown --rose-order 'diagonal'"),
+    (dict(rose_scaler="1/k"), "unknown --rose-scaler"),
+])
+def test_prune_config_validates_itself(kwargs, fragment):
+    """A library caller gets the CLI's one-line errors (the CLI builds its config the same way)."""
+    from rose.config import PruneConfig
+
+    with pytest.raises(RoseError, match=fragment) as err:
+        PruneConfig(**kwargs)
+    assert "\n" not in str(err.value)
