@@ -20,6 +20,9 @@ $(BIN)/rose-export: pyproject.toml cpp/sparse24.cpp cpp/sparse24.h cpp/torch_ops
 	# (--no-deps: it declares transformers<5 but imports fine beside transformers 5)
 	$(BIN)/pip install --quiet --no-deps compressed-tensors==0.14.0.1
 	$(BIN)/pip install --quiet loguru
+	# onnxruntime-genai generates with rose's ONNX exports; --no-deps: it declares the onnxruntime (CPU) package,
+	# which must not sit beside onnxruntime-gpu (both own the module); it loads onnxruntime-gpu's library instead
+	$(BIN)/pip install --quiet --no-deps onnxruntime-genai==0.18.0
 	# rose's C++ 2:4 CPU kernel (cpp/), built once into the torch extensions cache; without a compiler rose
 	# warns once and runs the same operators in pure PyTorch
 	$(BIN)/python -c "from runtime.cpu24 import ensure_ops; print('C++ 2:4 kernel:', ensure_ops())"

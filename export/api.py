@@ -20,7 +20,7 @@ from rose.outputs import atomic_output, check_output
 from . import manifest as mf
 from .formats import FORMATS, SCRATCH, ExportContext, run
 from .semi_structured import DEFAULT_DTYPE as DEFAULT_SEMI_DTYPE
-from .source import DTYPES, Source, dtype_name, not_24, open_source, require_24
+from .source import DTYPES, Source, check_source, dtype_name, not_24, open_source, require_24
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,12 @@ def export_all(pruned_dir: Path, out: Path, formats: str | Iterable[str] | None 
     """Export a pruned directory into `out/<format>/` plus `out/manifest.json`; returns the manifest."""
     wanted = parse_formats(formats)
     check_dtype(dtype)
+    inputs = [("--pruned", pruned_dir)]
+    check_source(pruned_dir)
+    check_output(out, overwrite, inputs)
     src = open_source(pruned_dir)
-    check_output(out, overwrite)
-    if Path(out).expanduser().absolute() == src.path.absolute():
-        raise RoseError("--out must differ from --pruned")
     fmts = resolve_formats(src, wanted)
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, inputs) as tmp:
         manifest = _export_into(ExportContext(src, tmp, fmts, dtype=dtype, semi_dtype=semi_dtype))
     return manifest
 
@@ -76,9 +76,10 @@ def prune_and_export(model_name: str, cfg: PruneConfig, out: Path, formats: str 
     needs = [f for f in wanted or () if FORMATS[f].needs_24]
     if needs and str(cfg.sparsity) != "2:4":
         raise RoseError(f"format {needs[0]} needs --sparsity 2:4 (got {cfg.sparsity}): change one or the other")
-    check_output(out, overwrite)
+    inputs = [("--model", model_name), ("--calib", cfg.calib)]
+    check_output(out, overwrite, inputs)
     model, tokenizer, recipe = api.prune(model_name, cfg, progress=progress)
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, inputs) as tmp:
         keep = wanted is None or "hf" in wanted
         in_place = keep and dtype in (None, str(model.dtype).replace("torch.", ""))
         hf = tmp / ("hf" if in_place else f"{SCRATCH}/hf")

@@ -19,6 +19,7 @@ from typing import Any
 from rose.errors import RoseError
 
 from .semi_structured import DEFAULT_DTYPE as DEFAULT_SEMI_DTYPE
+from .genai import write_genai_config
 from .source import Source, cast, copy_all, copy_aux, dtype_name, not_24, write_hf
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def _semi_structured(ctx: ExportContext, out: Path) -> Written:
 def _onnx(ctx: ExportContext, out: Path) -> Written:
     dense = ctx.dense_onnx()  # written into `out` itself
     copy_aux(ctx.src.path, out)
-    return Written({**dense["info"], **dense["sparsity"]}, parity=dense["parity"])
+    return Written({**dense["info"], **dense["sparsity"], **write_genai_config(out)}, parity=dense["parity"])
 
 
 def _onnx_packed24(ctx: ExportContext, out: Path) -> Written:
@@ -167,6 +168,7 @@ def _onnx_packed24(ctx: ExportContext, out: Path) -> Written:
     if same["max_abs_logits"] != 0.0 or not same["greedy_identical"]:
         raise RoseError(f"onnx-packed24 differs from onnx: max |logit diff| {same['max_abs_logits']:.2e}")
     copy_aux(ctx.src.path, out)
+    packed.update(write_genai_config(out))
     dense_bytes = sum(f.stat().st_size for f in dense["dir"].glob(f"{MODEL_FILE}*"))
     packed_bytes = sum(f.stat().st_size for f in out.glob(f"{MODEL_FILE}*"))
     if packed_bytes > 0.6 * dense_bytes:
@@ -179,12 +181,12 @@ def _onnx_packed24(ctx: ExportContext, out: Path) -> Written:
 
 register(Format("hf", _hf, False, "transformers `from_pretrained`",
                 "the pruned model, `save_pretrained` (safetensors, zeros kept) + `rose_recipe.json`"))
-register(Format("packed24", _packed24, True, "`export.packed24.load_packed24`, `runtime.load_packed24_cpu`, "
-                "compressed-tensors 0.14", "2:4 weights as kept values + bitmask (legacy `sparse-24-bitmask`)"))
+register(Format("packed24", _packed24, True, "`runtime.load_packed24` (dense), `runtime.load_packed24_cpu` (C++ "
+                "kernel), compressed-tensors 0.14", "2:4 weights as kept values + bitmask (legacy `sparse-24-bitmask`)"))
 register(Format("semi-structured", _semi_structured, True,
-                "`export.semi_structured.load_sparse(path, backend=...)` on CUDA",
+                "`runtime.load_sparse(path, backend=...)` on CUDA",
                 "the CUTLASS 2:4 layout (kept values + reordered metadata), packed on the CPU"))
-register(Format("onnx", _onnx, False, "onnxruntime",
+register(Format("onnx", _onnx, False, "onnxruntime, onnxruntime-genai (`genai_config.json`)",
                 "the causal LM with KV cache (opset 18, `torch.onnx` dynamo exporter), every zero kept"))
-register(Format("onnx-packed24", _onnx_packed24, True, "onnxruntime",
+register(Format("onnx-packed24", _onnx_packed24, True, "onnxruntime, onnxruntime-genai (`genai_config.json`)",
                 "the same graph with 2:4 weights stored packed and rebuilt by standard ops folded at load"))

@@ -3,8 +3,10 @@
 For each 2:4 weight W (R x C): `<module>.compressed` (R x C/2, W's dtype: the two kept values of every group of
 four, in column order), `<module>.bitmask` (uint8, R x ceil(C/8), bit j of byte b marks column 8b+j, little bit
 order) and `<module>.shape` (int64, 2 x 1). `config.json` carries `quantization_config.sparsity_config` so that
-compressed-tensors 0.14 (the last release that reads this format) and the tools built on it can load it; rose
-reads it back itself with `load_packed24`, bit-exactly.
+compressed-tensors 0.14 (the last release that reads this format) can decompress it, and `rose_format` so that
+transformers' `from_pretrained` refuses it loudly (`source.not_for_transformers`). Deployers load it with
+`runtime.load_packed24` (dense) or `runtime.load_packed24_cpu` (C++ kernel), which verify it; `read_packed24`
+here is the writer's own bit-exact round trip.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ import torch
 
 from rose.errors import RoseError
 
-from .source import Source, bit_equal, bits, copy_aux, dtype_name, model_from_state, require_24, set_config_dtype
+from .source import Source, bit_equal, bits, copy_aux, dtype_name, not_for_transformers, require_24, set_config_dtype
 
 FORMAT = "sparse-24-bitmask"
 LEGACY_VERSION = "0.14.0.1"  # the last compressed-tensors release that reads and writes sparse-24-bitmask
 WEIGHTS = "model.safetensors"
+LOADER = "runtime.load_packed24(dir) or runtime.load_packed24_cpu(dir)"
 
 
 def keep_mask24(W: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,7 @@ def write_packed24(src: Source, out: Path) -> dict:
     config = set_config_dtype(json.loads((out / "config.json").read_text()), dtype_name(src))
     config["quantization_config"] = {"quant_method": "compressed-tensors", "version": LEGACY_VERSION,
                                      "sparsity_config": _sparsity_config(src, packed), "transform_config": {}}
+    not_for_transformers(config, "packed24", LOADER)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     back = read_packed24(out)
     mismatched = [n for n, t in back.items() if n not in src.tensors or not bit_equal(t, src.tensors[n])]
@@ -107,13 +111,3 @@ def read_packed24(path: Path) -> dict[str, torch.Tensor]:
         else:
             out[name] = t
     return out
-
-
-def load_packed24(path: Path, dtype: torch.dtype | None = None):
-    """A transformers model rebuilt from a packed24 directory (dense weights, zeros restored), on the CPU."""
-    path = Path(path)
-    if not (path / WEIGHTS).is_file():
-        raise RoseError(f"{path} is not a packed24 directory (no {WEIGHTS}): export it with --formats packed24")
-    state = read_packed24(path)
-    stored = next(t.dtype for t in state.values() if t.is_floating_point())
-    return model_from_state(path, state, dtype or stored)

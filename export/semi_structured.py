@@ -2,8 +2,8 @@
 
 cuSPARSELt's compressed bytes are internal to the library and change between versions, so they are never
 stored: the file holds the CUTLASS layout (kept values plus reordered metadata), computed on the CPU with
-PyTorch's own pure-tensor conversion, and `load_sparse` either wraps it as it is (CUTLASS) or unpacks it and lets
-cuSPARSELt compress at load. Layers outside a backend's shape or dtype limits stay dense and are listed.
+PyTorch's own pure-tensor conversion; `runtime.load_sparse` either wraps it as it is (CUTLASS) or unpacks it and
+lets cuSPARSELt compress at load. Layers outside a backend's shape or dtype limits stay dense and are listed.
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from rose.errors import RoseError
 
 from rose.models import DTYPES
 
-from .source import Source, bit_equal, copy_aux, model_from_state, require_24, set_config_file_dtype
+from .source import Source, bit_equal, copy_aux, not_for_transformers, require_24, set_config_file_dtype
 
 BACKENDS = ("cusparselt", "cutlass")
 INDEX = "semi_structured.json"
 WEIGHTS = "model.safetensors"
 LAYOUT_VERSION = 1
+LOADER = "runtime.load_sparse(dir, backend='cusparselt' or 'cutlass') on a CUDA GPU"
 HALF = {name: DTYPES[name] for name in ("float16", "bfloat16")}
 DEFAULT_DTYPE = "float16"
 
@@ -96,64 +97,7 @@ def write_semi_structured(src: Source, out: Path, dtype: str = DEFAULT_DTYPE) ->
              "torch": torch.__version__, "layers": list(src.linears), "packed": packed, "dense": dense}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     set_config_file_dtype(out / "config.json", dtype)
+    config = not_for_transformers(json.loads((out / "config.json").read_text()), "semi-structured", LOADER)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return {"dtype": dtype, "packed_layers": len(packed), "cutlass_check": "unpacked on the CPU, bit-exact",
             "skipped": dense}
-
-
-def read_semi_structured(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(index, dense state dict) of a semi-structured directory, on the CPU: what the GPU check compares to."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / INDEX).is_file():
-        raise RoseError(f"{path} is not a semi-structured export (no {INDEX})")
-    index = json.loads((path / INDEX).read_text())
-    stored = load_file(path / WEIGHTS)
-    state = {k: v for k, v in stored.items() if not k.endswith((".packed", ".meta"))}
-    for module in index["packed"]:
-        state[f"{module}.weight"] = cutlass_unpack(stored[f"{module}.packed"], stored[f"{module}.meta"])
-    return index, state
-
-
-def load_dense(path: Path, device: str = "cpu"):
-    """The same weights as plain dense tensors (zeros in place): the reference for the sparse kernels."""
-    index, state = read_semi_structured(path)
-    return model_from_state(Path(path), state, HALF[index["dtype"]]).to(device)
-
-
-def load_sparse(path: Path, device: str = "cuda", backend: str = "cusparselt"):
-    """A transformers model whose 2:4 linear weights are `SparseSemiStructuredTensor`s of `backend`.
-
-    CUTLASS wraps the stored packing as it is; cuSPARSELt compresses each weight now, on this GPU, with the
-    library version installed here. The model gets `rose_sparse` = {"backend", "sparse", "dense": {layer: why}}.
-    """
-    if backend not in BACKENDS:
-        raise RoseError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
-        raise RoseError(f"semi-structured 2:4 weights run only on CUDA GPUs and device {device!r} is not one "
-                        f"(CUDA available: {torch.cuda.is_available()}): use the hf or packed24 export on the CPU")
-    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
-        raise RoseError("this PyTorch build has no cuSPARSELt: use backend='cutlass'")
-    path = Path(path)
-    index, state = read_semi_structured(path)
-    from safetensors.torch import load_file
-
-    stored = load_file(path / WEIGHTS) if backend == "cutlass" else {}
-    model = model_from_state(path, state, HALF[index["dtype"]]).to(device)
-    cls = _classes()[backend]
-    sparse, dense = [], dict(index["dense"][backend])
-    for module_name in index["layers"]:
-        if module_name in dense:
-            continue
-        module = model.get_submodule(module_name)
-        W = module.weight.data
-        if backend == "cutlass":
-            tensor = cls(W.shape, packed=stored[f"{module_name}.packed"].to(device),
-                         meta=stored[f"{module_name}.meta"].to(device), packed_t=None, meta_t=None,
-                         compressed_swizzled_bitmask=None)
-        else:
-            tensor = cls.from_dense(W.contiguous())
-        module.weight = torch.nn.Parameter(tensor, requires_grad=False)
-        sparse.append(module_name)
-    model.rose_sparse = {"backend": backend, "sparse": sparse, "dense": dense}
-    return model

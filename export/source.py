@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rose.config import RECIPE_NAME, Recipe
-from rose.errors import RoseError
+from rose.errors import RoseError, first_line
 from rose.models import DTYPES, load_config, meta_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -36,10 +36,19 @@ class Source:
         return self.tensors[f"{linear}.weight"]
 
 
-def open_source(path: Path) -> Source:
-    """Read a `rose-export prune` output; every defect of the directory is a one-line RoseError."""
-    from safetensors.torch import load_file
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; a damaged file is a one-line error naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RoseError(f"{path} cannot be read as JSON ({first_line(exc)[:120]}): {what}") from None
+    if not isinstance(data, dict):
+        raise RoseError(f"{path} is not a JSON object: {what}")
+    return data
 
+
+def check_source(path: Path) -> Path:
+    """The quick checks of a pruned directory (no weights read), so that they come before any other work."""
     path = Path(path).expanduser()
     if not path.exists():
         raise RoseError(f"pruned directory {path} does not exist: pass the --out of `rose-export prune`")
@@ -47,14 +56,27 @@ def open_source(path: Path) -> Source:
         raise RoseError(f"pruned directory {path} is not a directory")
     if not (path / "config.json").is_file():
         raise RoseError(f"{path} has no config.json: is it the output of `rose-export prune`?")
-    recipe = Recipe.load(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    read_json(path / "config.json", "the pruned directory is damaged; re-run `rose-export prune`")
+    Recipe.load(path)
+    if not list(path.glob("*.safetensors")):
         raise RoseError(f"{path} holds no .safetensors weights: re-run `rose-export prune`")
+    return path
+
+
+def open_source(path: Path) -> Source:
+    """Read a `rose-export prune` output; every defect of the directory is a one-line RoseError."""
+    from safetensors.torch import load_file
+
+    path = check_source(path)
+    recipe = Recipe.load(path)
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(f))
-    config = json.loads((path / "config.json").read_text())
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            tensors.update(load_file(f))
+        except Exception as exc:  # safetensors' own error type: a truncated or damaged file
+            raise RoseError(f"{f} cannot be read ({first_line(exc)[:160]}): the file is damaged or truncated; "
+                            f"re-run `rose-export prune`") from None
+    config = read_json(path / "config.json", "the pruned directory is damaged; re-run `rose-export prune`")
     linears, all_linears = _linears(path, tensors)
     return Source(path=path, config=config, recipe=recipe, tensors=tensors, linears=linears, all_linears=all_linears)
 
@@ -129,6 +151,22 @@ def cast(src: Source, dtype: str | None) -> Source:
     return replace(src, tensors=tensors)
 
 
+FORMAT_KEY = "rose_format"
+ACTIVATION_KEYS = ("hidden_act", "activation_function")
+
+
+def not_for_transformers(config: dict, fmt: str, loader: str) -> dict:
+    """Make a packed format's config.json fail loudly in transformers' `from_pretrained` (which would otherwise
+    build the model with every packed weight randomly initialised, printing only a load report) while it stays
+    readable as a config: the activation's name becomes a message that its KeyError shows. The real values are
+    kept under `rose_format.replaced`, which rose's loaders put back."""
+    replaced = {k: config[k] for k in ACTIVATION_KEYS if k in config} or {"hidden_act": None}
+    message = f"rose {fmt} export: transformers cannot load this folder (its weights are packed); use {loader}"
+    config.update({k: message for k in replaced})
+    config[FORMAT_KEY] = {"name": fmt, "version": 1, "loader": loader, "replaced": replaced}
+    return config
+
+
 def set_config_dtype(config: dict, dtype: str) -> dict:
     """Record the weights' dtype in a config.json dict (transformers 5 reads `dtype`, older ones `torch_dtype`)."""
     config["dtype"] = dtype
@@ -141,22 +179,6 @@ def set_config_file_dtype(path: Path, dtype: str) -> None:
     """`set_config_dtype` on a config.json file, rewritten sorted and indented."""
     config = set_config_dtype(json.loads(Path(path).read_text()), dtype)
     Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def model_from_state(path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype, config=None):
-    """A transformers model of `path`'s config holding `state` (as stored: tied weights once); a state that does
-    not match the config (a missing weight that is not a tied copy, or an unexpected one) is a one-line error."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config or load_config(path), dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    params = model.state_dict()
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if params[k].data_ptr() not in loaded]  # tied copies (lm_head) are fine
-    if unexpected or untied:
-        raise RoseError(f"{path} does not match its config: missing {untied[:4]}, unexpected {unexpected[:4]}")
-    return model.eval()
 
 
 def write_hf(src: Source, out: Path) -> None:

@@ -10,10 +10,10 @@ import torch
 
 from .calibrate import check_widths, prune_model
 from .config import PruneConfig, Recipe
-from .data import calibration_windows, evaluation_tokens
+from .data import calibration_windows, evaluation_tokens, load_rows
 from .errors import RoseError
 from .eval import perplexity
-from .models import load_model
+from .models import check_context, check_seqlen, load_model
 from .outputs import atomic_output
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 def prune(model_name: str, cfg: PruneConfig, *, progress: bool = True, model=None, tokenizer=None):
     """Load (unless given), calibrate and prune; returns `(model, tokenizer, recipe)`."""
     check_device(cfg.device)
+    rows = load_rows(cfg.calib, "train")  # a bad calibration file fails before the model is loaded
     if model is None:
+        check_context(model_name, cfg.seqlen, "--seqlen")
         model, tokenizer = load_model(model_name)
+    check_seqlen(model.config, cfg.seqlen, "--seqlen", model_name)
     check_widths(model, cfg)
-    calib = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    calib = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, rows)
     t0 = time.perf_counter()
     records = prune_model(model, calib, cfg, progress=progress)
     seconds = time.perf_counter() - t0
@@ -64,8 +67,10 @@ def prune(model_name: str, cfg: PruneConfig, *, progress: bool = True, model=Non
 
 
 def evaluate(model, tokenizer, data: str, seqlen: int, max_tokens: int | None, device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
-    ids = evaluation_tokens(tokenizer, data)
+             progress: bool = True, flag: str = "--seqlen", rows: list[str] | None = None) -> dict[str, Any]:
+    """Perplexity of `model` on `data` (`rows`: its text, when already read)."""
+    check_seqlen(model.config, seqlen, flag, getattr(model.config, "_name_or_path", "") or "the model")
+    ids = evaluation_tokens(tokenizer, data, rows)
     model.to(device)
     try:
         result = perplexity(model, ids, seqlen, max_tokens, device=device, progress=progress)
@@ -74,9 +79,15 @@ def evaluate(model, tokenizer, data: str, seqlen: int, max_tokens: int | None, d
     return {"data": data, **result}
 
 
+def recipe_inputs(recipe: Recipe) -> list[tuple[str, str | None]]:
+    """The local inputs a run read (model, calibration and evaluation text): an output may not touch them."""
+    evaluated = recipe.results.get("eval", {}).get("data")
+    return [("--model", recipe.model), ("--calib", recipe.config.get("calib")), ("--eval-data", evaluated)]
+
+
 def save_pruned(model, tokenizer, recipe: Recipe, out: Path, overwrite: bool = False) -> Path:
-    """`save_pretrained` (safetensors) plus `rose_recipe.json`, written atomically."""
-    with atomic_output(out, overwrite) as tmp:
+    """`save_pretrained` (safetensors) plus `rose_recipe.json`, written atomically, never onto an input."""
+    with atomic_output(out, overwrite, recipe_inputs(recipe)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

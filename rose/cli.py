@@ -23,16 +23,23 @@ from .config import DEFAULT_EVAL_DATA, DEFAULT_EVAL_SEQLEN, PruneConfig
 def prune(model, out, overwrite, do_eval, eval_data, eval_seqlen, max_tokens, quiet, **opts) -> None:
     """Prune MODEL and save it (safetensors) with rose_recipe.json, which records how to reproduce it."""
     from . import api
+    from .data import check_sources, load_rows
+    from .models import check_context
     from .outputs import check_output
 
     setup_logging(quiet)
     cfg = config_from_options(**opts)
-    check_output(out, overwrite)
+    check_output(out, overwrite, [("--model", model), ("--calib", cfg.calib), ("--eval-data", eval_data)])
+    check_sources(cfg.calib, *([eval_data] if do_eval else []))
+    eval_rows = None
+    if do_eval:  # every input is read and checked before hours of pruning, not after
+        check_context(model, eval_seqlen, "--eval-seqlen")
+        eval_rows = load_rows(eval_data, "test")
     with logging_redirect_tqdm():  # per-layer log lines print above the progress bar, not through it
         pruned, tokenizer, recipe = api.prune(model, cfg, progress=not quiet)
     if do_eval:
         recipe.results["eval"] = api.evaluate(pruned, tokenizer, eval_data, eval_seqlen, max_tokens, cfg.device,
-                                              progress=not quiet)
+                                              progress=not quiet, flag="--eval-seqlen", rows=eval_rows)
         click.echo(f"perplexity {recipe.results['eval']['perplexity']:.3f}")
     api.save_pruned(pruned, tokenizer, recipe, out, overwrite)
     click.echo(f"wrote {out}")
@@ -53,12 +60,15 @@ def eval_cmd(model, data, seqlen, max_tokens, device, as_json) -> None:
     import json
 
     from . import api
-    from .models import load_model
+    from .data import load_rows
+    from .models import check_context, load_model
 
     setup_logging(True)
     api.check_device(device)
+    check_context(model, seqlen, "--seqlen")
+    rows = load_rows(data, "test")  # before the model: a bad file fails in a second, not after the load
     m, tok = load_model(model)
-    result = api.evaluate(m, tok, data, seqlen, max_tokens, device, progress=False)
+    result = api.evaluate(m, tok, data, seqlen, max_tokens, device, progress=False, rows=rows)
     click.echo(json.dumps({"model": model, **result}) if as_json else f"perplexity {result['perplexity']:.3f}")
 
 

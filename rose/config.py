@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import RoseError
+from .errors import RoseError, first_line
 
 RECIPE_NAME = "rose_recipe.json"
 RECIPE_VERSION = 1
@@ -169,4 +169,7 @@ class Recipe:
         path = Path(directory) / RECIPE_NAME
         if not path.is_file():
             raise RoseError(f"{directory} has no {RECIPE_NAME}: is it the output of `rose-export prune`?")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            raise RoseError(f"{path} is damaged ({first_line(exc)[:120]}): re-run `rose-export prune`") from None

@@ -1,6 +1,8 @@
 """Calibration and evaluation text through `datasets`: hub names (`wikitext2`, `c4`) or local files."""
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 from pathlib import Path
 
@@ -18,18 +20,47 @@ HUB_SPLITS = {  # name -> (path, config, calibration split, evaluation split)
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
 
+def is_local(source: str) -> bool:
+    """A file name (by its suffix or because it exists), as opposed to a hub name like `wikitext2`."""
+    path = Path(source).expanduser()
+    return path.suffix in LOCAL_BUILDERS or path.exists() or os.sep in source
+
+
+def check_sources(*sources: str) -> None:
+    """Before any heavy work: every local file exists and every other name is one rose knows."""
+    for source in sources:
+        if is_local(source):
+            if not Path(source).expanduser().is_file():
+                raise RoseError(f"calibration/evaluation file {source} does not exist (or is not a file)")
+        elif source not in HUB_SPLITS:
+            raise RoseError(f"unknown data source {source!r}: use wikitext2, c4, or a .txt/.jsonl/.parquet file")
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets and pyarrow log their own errors before raising; rose reports one line instead."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
 def load_rows(source: str, split: str = "train") -> list[str]:
     """Text rows of a local file (one row per line for text, the `text` field otherwise) or a hub dataset."""
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(source)
+    check_sources(source)
+    path = Path(source).expanduser()
     try:
-        if path.suffix in LOCAL_BUILDERS or path.exists():
-            if not path.is_file():
-                raise RoseError(f"calibration/evaluation file {source} does not exist")
+        if is_local(source):
             builder = LOCAL_BUILDERS.get(path.suffix, "text")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            with _quiet_datasets():
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif source in HUB_SPLITS:
             if not hub_reachable():
                 raise RoseError(f"cannot load data {source!r}: the Hugging Face hub is unreachable; offline, pass a "
@@ -40,8 +71,6 @@ def load_rows(source: str, split: str = "train") -> list[str]:
                 ds = datasets.load_dataset(name, data_files={which: C4_FILES[which]}, split=which)
             else:
                 ds = datasets.load_dataset(name, config, split=which)
-        else:
-            raise RoseError(f"unknown data source {source!r}: use wikitext2, c4, or a .txt/.jsonl/.parquet file")
     except RoseError:
         raise
     except Exception as exc:  # hub unreachable, malformed file, ...
@@ -58,11 +87,13 @@ def tokenize_stream(tokenizer, rows: list[str]) -> torch.Tensor:
     return torch.tensor(tokenizer("\n\n".join(rows), add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`nsamples` random windows of `seqlen` tokens, reproducible from `seed` alone."""
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
+                        rows: list[str] | None = None) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens, reproducible from `seed` alone (`rows`: the source's text,
+    when already read)."""
     if nsamples < 1 or seqlen < 2:
         raise RoseError(f"need --nsamples >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
-    rows = load_rows(source, "train")
+    rows = load_rows(source, "train") if rows is None else rows
     if not rows:
         raise RoseError(f"calibration source {source} holds no text")
     rng = random.Random(seed)
@@ -81,5 +112,5 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     return torch.stack([ids[i:i + seqlen] for i in starts])
 
 
-def evaluation_tokens(tokenizer, source: str) -> torch.Tensor:
-    return tokenize_stream(tokenizer, load_rows(source, "test"))
+def evaluation_tokens(tokenizer, source: str, rows: list[str] | None = None) -> torch.Tensor:
+    return tokenize_stream(tokenizer, load_rows(source, "test") if rows is None else rows)

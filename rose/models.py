@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from unittest import mock
@@ -93,6 +94,56 @@ def _dequantized_copy(model):
     return plain
 
 
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for, where its config says (LLaMA, OPT, GPT-2 spellings)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(config, seqlen: int, flag: str, name: str) -> None:
+    limit = context_length(config)
+    if limit is not None and seqlen > limit:
+        raise RoseError(f"{flag} {seqlen} is longer than {name}'s context of {limit} tokens: use {flag} {limit} or "
+                        f"less")
+
+
+def check_context(name: str, seqlen: int, flag: str) -> None:
+    """Before loading any weights: `seqlen` fits the context of the model `name` (a local directory or the
+    embedded model; a hub id is checked once loaded)."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        if name in EMBEDDED:
+            directory, gguf = embedded_path(name)
+            config = AutoConfig.from_pretrained(directory, gguf_file=gguf)
+        elif Path(name).expanduser().is_dir():
+            config = AutoConfig.from_pretrained(Path(name).expanduser())
+        else:
+            return
+    except RoseError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise RoseError(f"cannot read the config of model {name!r} ({first_line(exc)[:200]})") from None
+    check_seqlen(config, seqlen, flag, name)
+
+
+def _refuse_packed(directory: Path) -> None:
+    """rose's packed exports carry `rose_format` in config.json; transformers cannot read their weights."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers reports it
+    fmt = config.get("rose_format", {}).get("name") if isinstance(config, dict) else None
+    if fmt:
+        raise RoseError(f"{directory} is rose's {fmt} export, which transformers cannot load: use its hf/ sibling "
+                        f"here, or load it with runtime.load_{fmt.replace('-', '_')}")
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
     """Return `(model, tokenizer)` on the CPU; a missing model is a one-line error, not a traceback."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,6 +163,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
             local = Path(name).is_dir()
             if not local and (Path(name).exists() or name.startswith((".", "/", "~"))):
                 raise RoseError(f"model {name!r} is not a directory holding a Hugging Face model")
+            if local:
+                _refuse_packed(Path(name))
             # a local directory or a cached hub model loads offline; only otherwise ask the hub, if it answers
             offline = local or not hub_reachable()
             try:
@@ -123,6 +176,12 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):
                                     f"Face cache, and the hub is unreachable; pass a local directory or "
                                     f"smollm2-135m") from None
                 raise
+            except Exception as exc:
+                if not local:
+                    raise
+                # a truncated or damaged file in the user's directory: safetensors and transformers raise their own
+                raise RoseError(f"cannot load model {name!r} ({first_line(exc)[:200]}): a file of the directory is "
+                                f"damaged or truncated") from None
     except RoseError:
         raise
     except (OSError, ValueError) as exc:

@@ -201,40 +201,28 @@ def sparsify(model: nn.Module, names: Iterable[str] | None = None, dtype: torch.
     return swapped
 
 
-def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, **kw) -> nn.Module:
+def load_packed24_cpu(path: Path, dtype: torch.dtype | None = None, verify: bool = True, **kw) -> nn.Module:
     """A transformers model from a `packed24` directory whose packed linears are `Sparse24Linear` modules, built
-    from the stored kept values and bitmasks; dense linears are never allocated (they start on the meta device)."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from .packed24 import WEIGHTS, packed24_config
+    from the stored kept values and bitmasks; dense linears are never allocated (they start on the meta device).
+    The directory is checked first (`runtime.packed24.read_packed24`; `verify=False` skips the hashes)."""
+    from .packed24 import WEIGHTS, read_packed24
+    from .verify import empty_model, load_into
 
     path = Path(path)
-    config = packed24_config(path)
+    packed = read_packed24(path, verify)
     ensure_ops()
-    stored = load_file(path / WEIGHTS)
-    floats = [t.dtype for t in stored.values() if t.is_floating_point()]
+    dense = packed.dense_tensors()
+    floats = [t.dtype for t in packed.tensors.values() if t.is_floating_point()]
     if not floats:
         raise RoseRuntimeError(f"{path / WEIGHTS} holds no floating-point tensors: re-export it")
     dtype = dtype or floats[0]
     if dtype not in DTYPES:
         raise RoseRuntimeError(f"the C++ 2:4 kernel takes float32 or bfloat16; pass dtype=torch.float32 for {path}")
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    packed = [name[: -len(".compressed")] for name in stored if name.endswith(".compressed")]
-    for module in packed:
-        shape = tuple(int(s) for s in stored[f"{module}.shape"].flatten())
-        new = Sparse24Linear.from_packed24(stored[f"{module}.compressed"].to(dtype), stored[f"{module}.bitmask"],
-                                           shape, stored.get(f"{module}.bias"), module, **kw)  # type: ignore[arg-type]
+    model = empty_model(packed.config, dtype)
+    for module, shape in packed.modules.items():
+        new = Sparse24Linear.from_packed24(packed.kept(module).to(dtype), packed.bitmask(module), shape,
+                                           dense.pop(f"{module}.bias", None), module, **kw)
         parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
-    skip = {f"{m}.{part}" for m in packed for part in ("compressed", "bitmask", "shape", "bias")}
-    dense = {name: t.to(dtype) if t.is_floating_point() else t for name, t in stored.items() if name not in skip}
-    model.load_state_dict(dense, strict=False, assign=True)
-    model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if left:
-        raise RoseRuntimeError(f"{path} does not match its config: no weights for {left[:4]}")
+    load_into(model, {name: t.to(dtype) if t.is_floating_point() else t for name, t in dense.items()}, path)
     return model.eval()
-

@@ -51,12 +51,12 @@ def _threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _finish(results: dict, out: Path, overwrite: bool) -> None:
+def _finish(results: dict, out: Path, overwrite: bool, inputs: list) -> None:
     from rose.outputs import atomic_output
 
     from . import report
 
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, inputs) as tmp:
         report.write(tmp, results)
     counts: dict[str, int] = {}
     for r in results["records"]:
@@ -112,11 +112,12 @@ def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, t
             table = {s: table[s] for s in wanted}
         else:
             table = {s: ["custom"] for s in wanted}
-    check_output(out, overwrite)
+    inputs = [("--model", model)]
+    check_output(out, overwrite, inputs)
     label = preset or (str(model) if model else "custom shapes")
     with _threads(threads) as n:
         results = run_linear(table, token_counts, dtype_names, chosen, Settings(warmup, iters, n, seed, rss), label)
-    _finish(results, out, overwrite)
+    _finish(results, out, overwrite, inputs)
 
 
 @bench.command("model")
@@ -150,11 +151,12 @@ def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens,
     if layers and pruned is not None:
         raise RoseError("--layers applies to --random models only")
     source = ModelSource.pruned(pruned) if pruned is not None else ModelSource.random(preset, layers, seed)
-    check_output(out, overwrite)
+    inputs = [("--pruned", pruned)]
+    check_output(out, overwrite, inputs)
     with _threads(threads) as n:
         results = run_model(source, lens, batches, decode_tokens, dtype_names, chosen,
                             Settings(warmup, iters, n, seed, rss))
-    _finish(results, out, overwrite)
+    _finish(results, out, overwrite, inputs)
 
 
 COMMANDS = [bench]

@@ -33,9 +33,10 @@ def _model(backend: str):
     def build(source, dtype: torch.dtype, threads: int) -> TorchRunner:
         import json
 
-        from export.semi_structured import HALF, INDEX, _classes, load_sparse, why_not
+        from export.semi_structured import _classes, why_not
         from rose.arch import all_sublayers
         from rose.masks import is_nm
+        from runtime.semi import HALF, INDEX, load_sparse
 
         if dtype not in HALF.values():
             raise Unsupported(f"{backend} 2:4 kernels take float16 or bfloat16, not {dtype}")

@@ -25,14 +25,15 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
 
 
-def tiny_config(kind: str, hidden: int = 64, inter: int = 128):
+def tiny_config(kind: str, hidden: int = 64, inter: int = 128, init: float | None = None):
+    """`init` (initializer_range) 0.2 gives a random model whose greedy tokens vary, where 0.02 repeats one."""
     from transformers import GPT2Config, LlamaConfig, OPTConfig
 
     vocab = len(CHARS) + 1
     if kind == "llama":
         return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           tie_word_embeddings=True)
+                           tie_word_embeddings=True, initializer_range=init or 0.02)
     if kind == "opt":
         return OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=inter, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden)
@@ -81,14 +82,14 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
     return 2.0 / X.shape[0] * X.T @ X
 
 
-def make_pruned(root: Path, sparsity: str, hidden: int = 128, name: str = "pruned") -> Path:
+def make_pruned(root: Path, sparsity: str, hidden: int = 128, name: str = "pruned", init: float | None = None) -> Path:
     """A tiny LLaMA (hidden size `hidden`) pruned by magnitude and saved by rose under `root / name`."""
     from rose import api
     from rose.config import PruneConfig
 
-    tiny = root / f"tiny-{hidden}"
+    tiny = root / f"tiny-{hidden}-{init}"
     if not tiny.exists():
-        tiny_model("llama", hidden=hidden, inter=2 * hidden).save_pretrained(tiny)
+        tiny_model("llama", hidden=hidden, inter=2 * hidden, init=init).save_pretrained(tiny)
         char_tokenizer().save_pretrained(tiny)
     calib = root / "calib.txt"
     calib.write_text("\n".join(f"The {i}th line of text is here, with words {i * 7}." for i in range(100)) + "\n")

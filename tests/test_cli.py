@@ -42,8 +42,14 @@ def test_existing_output_needs_overwrite(tiny_dir, calib_file, tmp_path):
     (out / "keep.txt").write_text("precious")
     one_line_error(run(*prune_args(tiny_dir(), calib_file, out)), "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    assert run(*prune_args(tiny_dir(), calib_file, out, "--overwrite")).exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "rose_recipe.json").exists()
+    # --overwrite replaces only what rose wrote: a directory of the user's is refused, by name
+    one_line_error(run(*prune_args(tiny_dir(), calib_file, out, "--overwrite")), "is not one")
+    assert (out / "keep.txt").read_text() == "precious"
+    fresh = tmp_path / "fresh"
+    assert run(*prune_args(tiny_dir(), calib_file, fresh)).exit_code == 0
+    (fresh / "extra.bin").write_bytes(b"x")
+    assert run(*prune_args(tiny_dir(), calib_file, fresh, "--overwrite")).exit_code == 0
+    assert not (fresh / "extra.bin").exists() and (fresh / "rose_recipe.json").exists()
 
 
 def test_failed_run_leaves_nothing(tiny_dir, tmp_path, monkeypatch):

@@ -121,7 +121,8 @@ def test_pack24_halves_half_precision(dtype):
 
 
 def test_packed24_round_trip_bit_exact(written, pruned24):
-    from export.packed24 import load_packed24, read_packed24
+    from export.packed24 import read_packed24
+    from runtime.packed24 import load_packed24
     from export.source import bit_equal
 
     out, manifest = written
@@ -149,7 +150,8 @@ def test_packed24_round_trip_bit_exact(written, pruned24):
 
 
 def test_half_precision_hf_and_packed24(pruned24, tmp_path):
-    from export.packed24 import load_packed24, read_packed24
+    from export.packed24 import read_packed24
+    from runtime.packed24 import load_packed24
     from export.source import bit_equal
     from rose.masks import is_nm
 
@@ -201,7 +203,8 @@ def test_packed24_readable_by_legacy_compressed_tensors(written, pruned24):
 # ---- semi-structured -----------------------------------------------------------------------------------------
 
 def test_semi_structured_cutlass_packing_on_cpu(written, pruned24):
-    from export.semi_structured import INDEX, cutlass_unpack, read_semi_structured
+    from export.semi_structured import INDEX, cutlass_unpack
+    from runtime.semi import read_semi_structured
     from export.source import bit_equal
 
     out, manifest = written
@@ -214,7 +217,7 @@ def test_semi_structured_cutlass_packing_on_cpu(written, pruned24):
         packed, meta = raw[f"{module}.packed"], raw[f"{module}.meta"]
         assert packed.shape == (W.shape[0], W.shape[1] // 2) and meta.dtype == torch.int16
         assert bit_equal(cutlass_unpack(packed, meta), W) and f"{module}.weight" not in raw
-    _, state = read_semi_structured(d)
+    _, state, _ = read_semi_structured(d)
     assert all(bit_equal(state[k], v.half()) for k, v in source.items())
     assert "cslt" not in " ".join(raw)  # cuSPARSELt's bytes are never persisted
     assert manifest["parity"]["semi-structured"]["cutlass_packing"].endswith("bit-exact")
@@ -238,11 +241,12 @@ def test_semi_structured_lists_layers_a_backend_cannot_take(tmp_path):
 
 
 def test_load_sparse_without_cuda_is_one_line(written):
-    from export.semi_structured import load_sparse
+    from runtime.errors import RoseRuntimeError
+    from runtime.semi import load_sparse
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(RoseError, match="CUDA") as err:
+    with pytest.raises(RoseRuntimeError, match="CUDA") as err:
         load_sparse(written[0] / "semi-structured")
     assert "\n" not in str(err.value)
 
@@ -250,7 +254,7 @@ def test_load_sparse_without_cuda_is_one_line(written):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_check(written):
-    from export.gpu_check import run as gpu_run
+    from runtime_bench.gpu_check import run as gpu_run
 
     report = gpu_run(written[0])
     assert report["packing"]["ok"] and report["ok"], report
@@ -387,8 +391,12 @@ def test_existing_output_needs_overwrite(pruned24, tmp_path):
     (out / "keep.txt").write_text("precious")
     one_line_error(run("export", "--pruned", pruned24, "--out", out, "--formats", "hf"), "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    assert run("export", "--pruned", pruned24, "--out", out, "--formats", "hf", "--overwrite", "-q").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    one_line_error(run("export", "--pruned", pruned24, "--out", out, "--formats", "hf", "--overwrite"), "is not one")
+    assert (out / "keep.txt").read_text() == "precious"
+    out2 = tmp_path / "out2"
+    assert run("export", "--pruned", pruned24, "--out", out2, "--formats", "hf", "-q").exit_code == 0
+    assert run("export", "--pruned", pruned24, "--out", out2, "--formats", "packed24", "--overwrite", "-q").exit_code == 0
+    assert sorted(p.name for p in out2.iterdir()) == ["manifest.json", "packed24"]
 
 
 def test_unwritable_output(pruned24, tmp_path):

@@ -1,6 +1,6 @@
 """GPU check of a `semi-structured` export; needs CUDA, so it runs on a GPU machine, not in the CPU test suite.
 
-    python -m export.gpu_check OUT_DIR [--json report.json]
+    python -m runtime_bench.gpu_check OUT_DIR [--json report.json]
 
 OUT_DIR is an export output (its `semi-structured/` is used) or a semi-structured directory. It checks:
 1. the stored CUTLASS packing of every packed layer equals what `to_sparse_semi_structured` (CUTLASS backend)
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from rose.errors import RoseError, first_line
-
-from .semi_structured import BACKENDS, INDEX, WEIGHTS, cutlass_unpack, load_dense, load_sparse
+from rose.errors import RoseError
+from runtime.errors import RoseRuntimeError, first_line
+from runtime.semi import BACKENDS, INDEX, WEIGHTS, cutlass_unpack, load_dense, load_sparse
 
 REL_TOL = 1e-2
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -67,7 +67,7 @@ def logits_check(path: Path, device: str = "cuda", prompt: str = PROMPT) -> dict
         try:
             model = load_sparse(path, device=device, backend=backend)
             logits = model(input_ids=ids).logits.float()
-        except (RuntimeError, NotImplementedError, RoseError) as exc:
+        except (RuntimeError, NotImplementedError, RoseRuntimeError) as exc:
             first = first_line(exc)
             out[backend] = {"ok": None, "unsupported": first[:300]}
             continue
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = run(args.path, args.device)
-    except RoseError as exc:
+    except (RoseError, RoseRuntimeError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2)
