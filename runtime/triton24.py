@@ -53,7 +53,7 @@ neither a GPU nor Triton.
 """
 from __future__ import annotations
 
-import os
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -63,8 +63,9 @@ from torch import nn
 from .errors import RoseRuntimeError, first_line
 
 MAX_ROWS = 16            # more rows (tokens) per call: dispatch elsewhere (cuSPARSELt, dense)
-FMA_MAX_ROWS = 1         # one row: the select-and-FMA variant; more: tensor cores
-PROGRAMS_PER_SM = 4      # split K until about this many programs per multiprocessor
+FMA_MAX_ROWS = 0         # rows up to this take the FMA variant by default (0: none; it is timed on the GPU at 1 row)
+PROGRAMS_PER_SM = 4      # split K until about this many programs per multiprocessor...
+MIN_STEPS_PER_SPLIT = 2  # ...but keep at least this many steps of block_k columns per split
 DEFAULT_SMS = 132        # an H100/H200 SXM, for choosing configs where no GPU is asked (the interpreter)
 DTYPES = (torch.float16, torch.bfloat16)
 ROW_BYTES = 16           # masks rows are padded to this many bytes (16-byte vector loads)
@@ -83,7 +84,7 @@ class Packed:
 
     values: torch.Tensor     # rows x cols/2, fp16/bf16
     masks: torch.Tensor      # rows x mask_words(cols), int32
-    locks: torch.Tensor      # int32 zeros, one per tile of 16 rows (the smallest tile a config uses)
+    locks: torch.Tensor      # int32 zeros, one per tile of 8 rows (the smallest tile a config may use)
     rows: int
     cols: int
 
@@ -100,6 +101,11 @@ class Packed:
         """Bytes the kernel reads per call (values and masks; the counters are not read unless K is split)."""
         return self.values.nbytes + self.masks.nbytes
 
+    @functools.cached_property
+    def pairs(self) -> torch.Tensor:
+        """`values` read as one int32 per group (first kept value in the low half), as the kernel loads them."""
+        return self.values.view(torch.int32)
+
     def to(self, device) -> "Packed":
         return Packed(self.values.to(device), self.masks.to(device), self.locks.to(device), self.rows, self.cols)
 
@@ -110,7 +116,7 @@ def mask_words(cols: int) -> int:
 
 
 def _locks(rows: int) -> torch.Tensor:
-    return torch.zeros(-(-rows // 16), dtype=torch.int32)
+    return torch.zeros(-(-rows // 8), dtype=torch.int32)
 
 
 def _check_shape(rows: int, cols: int, name: str) -> None:
@@ -260,25 +266,29 @@ def _pow2(n: int) -> int:
 
 
 def split_for(rows_out: int, cols: int, block_n: int, block_k: int, sms: int = DEFAULT_SMS,
-              per_sm: int = PROGRAMS_PER_SM) -> int:
-    """K splits per tile so that the grid has about `per_sm` programs per multiprocessor (none beyond K's steps)."""
+              per_sm: int = PROGRAMS_PER_SM, min_steps: int = MIN_STEPS_PER_SPLIT) -> int:
+    """K splits per tile so that the grid has about `per_sm` programs per multiprocessor, each split at least
+    `min_steps` steps of `block_k` columns long (a split costs a partial-sum round trip), none empty."""
     tiles, steps = -(-rows_out // block_n), -(-cols // block_k)
-    split = min(steps, max(1, -(-per_sm * sms // tiles)))
+    split = max(1, min(steps // min_steps, -(-per_sm * sms // tiles)))
     per = -(-steps // split)
-    return -(-steps // per)  # no empty split
+    return -(-steps // per)
 
 
 def pick_config(rows: int, rows_out: int, cols: int, sms: int = DEFAULT_SMS) -> Config:
     """The default config for `rows` rows of x times a `rows_out` x `cols` weight (no autotuning).
 
-    1-2 rows: the FMA variant, 16 output rows per program, 512 columns per step (8 KiB of values per step).
-    3-16 rows: tensor cores, x padded to 16 rows; 32 output rows per program up to 8 rows of x, 64 above (x is read
-    once per program, so wider tiles read it fewer times). K is split for parallelism (`split_for`).
+    Tensor cores for every row count (x padded to 16 rows: the work per weight byte is the same for 1 or 16
+    rows), 128 columns per step, 64 output rows per program (32 below 2048 output rows, for parallelism), 4 warps
+    (16 output rows each: x is read from shared memory once per warp and step, so wider warps read it less per
+    weight byte), 2 pipeline stages, K split by `split_for`. Rows up to `FMA_MAX_ROWS` take the FMA variant.
+    Chosen by counting instructions and bytes in the sm_90 code; `scripts/gpu_triton24.py --sweep` times the
+    alternatives on a GPU.
     """
     if rows <= FMA_MAX_ROWS:
-        block_m, block_n, block_k, use_dot = _pow2(rows), 16, 512, False
+        block_m, block_n, block_k, use_dot = 1, 16, 512, False
     else:
-        block_m, block_n, block_k, use_dot = 16, 32 if rows <= 8 else 64, 256, True
+        block_m, block_n, block_k, use_dot = 16, 64 if rows_out >= 2048 else 32, 128, True
     block_k = min(block_k, max(64, _pow2(cols)))
     return Config(use_dot, block_m, block_n, block_k, split_for(rows_out, cols, block_n, block_k, sms))
 
@@ -286,9 +296,9 @@ def pick_config(rows: int, rows_out: int, cols: int, sms: int = DEFAULT_SMS) -> 
 def check_config(config: Config, rows: int) -> None:
     """A config the kernel can run for `rows` rows of x (a wrong one is a one-line error, not a Triton trace)."""
     pow2 = all(v > 0 and v & (v - 1) == 0 for v in (config.block_m, config.block_n, config.block_k))
-    if not pow2 or config.block_k < 64 or config.block_m < rows or config.split < 1:
+    if not pow2 or config.block_k < 64 or config.block_n < 8 or config.block_m < rows or config.split < 1:
         raise RoseRuntimeError(f"config {config.name()} cannot run {rows} rows: blocks must be powers of two, "
-                               f"block_k >= 64, block_m >= rows, split >= 1")
+                               f"block_k >= 64, block_n >= 8, block_m >= rows, split >= 1")
     if config.use_dot and (config.block_m < 16 or config.block_n < 16):
         raise RoseRuntimeError(f"config {config.name()}: the tensor-core variant needs block_m and block_n >= 16")
     if not config.use_dot and config.block_m != 1:
@@ -352,7 +362,6 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *,
                              or not bias.is_floating_point()):
         raise RoseRuntimeError(f"{name}: the bias must be a float vector of {rows_out} on {x.device}, got "
                                f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
-    kernel = _kernel(x.device)
     shape = (*x.shape[:-1], rows_out)
     if out is None:
         y = torch.empty(rows, rows_out, dtype=x.dtype, device=x.device)
@@ -360,6 +369,8 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *,
         raise RoseRuntimeError(f"{name}: out must be a contiguous {x.dtype} tensor of {rows}x{rows_out} on {x.device}")
     else:
         y = out.view(rows, rows_out)
+    if config is not None:
+        check_config(config, rows)
     if rows == 0:
         return y.view(shape)
     x2 = x.reshape(rows, cols)
@@ -370,8 +381,6 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *,
         config = _CONFIGS.get(key)
         if config is None:
             config = _CONFIGS[key] = pick_config(rows, rows_out, cols, _sms(x.device))
-    else:
-        check_config(config, rows)
     split, bk = config.split, config.block_k
     steps = -(-cols // bk)
     per = -(-steps // split) * bk                  # columns per split, a multiple of the step
@@ -379,10 +388,10 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *,
     tiles = -(-rows_out // config.block_n)
     if split > 1 and packed.locks.numel() < tiles:
         raise RoseRuntimeError(f"{name}: config {config.name()} needs {tiles} split counters, the weight has "
-                               f"{packed.locks.numel()} (block_n must be at least 16)")
+                               f"{packed.locks.numel()} (block_n must be at least 8)")
+    kernel = _kernel(x.device)
     ws = torch.empty(split, rows, rows_out, dtype=torch.float32, device=x.device) if split > 1 else y
-    values = packed.values
-    pairs = values.view(torch.int32)
+    values, pairs = packed.values, packed.pairs
     kernel[(tiles, split)](
         x2, values, pairs, packed.masks, bias if bias is not None else y, y, ws, packed.locks,
         rows, rows_out, cols,
@@ -440,7 +449,12 @@ class Sparse24TritonLinear(nn.Module):
 
     @property
     def packed(self) -> Packed:
-        return Packed(self.values, self.masks, self.locks, self.out_features, self.in_features)
+        """The weight as `linear` takes it (rebuilt when `.to()` has moved the buffers)."""
+        p = self.__dict__.get("_packed")
+        if p is None or p.values is not self.values or p.masks is not self.masks or p.locks is not self.locks:
+            p = self.__dict__["_packed"] = Packed(self.values, self.masks, self.locks, self.out_features,
+                                                  self.in_features)
+        return p
 
     @property
     def weight_bytes(self) -> int:
