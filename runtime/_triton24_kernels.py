@@ -150,3 +150,27 @@ def interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
     return InterpretedFunction(sparse24_kernel)
+
+
+def compile_for_sm(capability: int = 90, dtype: str = "fp16", use_dot: bool = True, block_m: int = 16,
+                   block_n: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 2,
+                   has_bias: bool = False, split: bool = True):
+    """Compile the kernel for an NVIDIA GPU of this compute capability without one (Triton ships ptxas): a check
+    that every config builds, and its PTX/SASS to read. Strides and sizes are taken as multiples of 16 (LLaMA
+    shapes), as Triton specializes them at run time. Needs a process where Triton was imported without
+    TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(sparse24_kernel)
+    consts = {"HAS_BIAS": has_bias, "SPLIT": split, "USE_DOT": use_dot, "UPCAST_DOT": False, "BLOCK_M": block_m,
+              "BLOCK_N": block_n, "BLOCK_K": block_k}
+    ptrs = {"x_ptr": dtype, "v_ptr": dtype, "b_ptr": dtype, "y_ptr": dtype, "p_ptr": "i32", "m_ptr": "i32",
+            "ws_ptr": "fp32", "lock_ptr": "i32"}
+    sig = {n: f"*{ptrs[n]}" if n in ptrs else "constexpr" if n in consts else "i32" for n in fn.arg_names}
+    aligned = [n for n in fn.arg_names if n in ptrs or n.startswith("stride") or n.endswith("_per_split")
+               or n == "K"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})

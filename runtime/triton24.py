@@ -400,7 +400,7 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *,
         HAS_BIAS=bias is not None, SPLIT=split > 1, USE_DOT=config.use_dot,
         UPCAST_DOT=config.use_dot and x.dtype == torch.bfloat16 and x.device.type == "cpu",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True)
     return y.view(shape)
 
 
