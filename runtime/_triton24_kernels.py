@@ -53,7 +53,7 @@ def sparse24_kernel(
     g_lo = pid_k * g_per_split
     w_lo = pid_k * w_per_split
     n_it = tl.cdiv(tl.minimum(k_per_split, K - k_lo), BLOCK_K)
-    m_rows = m_ptr + rn[:, None] * stride_mn
+    m_rows = m_ptr + rn[:, None] * tl.multiple_of(stride_mn, 4)    # masks rows are whole 16-byte pieces
 
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

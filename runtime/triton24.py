@@ -2,54 +2,59 @@
 
     from runtime.triton24 import Sparse24TritonLinear, linear, pack_packed24, max_rows
 
-Why: decode reads every weight once per token, so it is bound by memory bandwidth. A 2:4 fp16/bf16 weight stored
-as its kept values plus 4 bits per group of four is 2.25 of 4 bytes per group column pair (56% of dense), so the
-limit is about 1.7x dense. cuSPARSELt pads a single token to 16 rows and was slower than dense fp16 at 1 token
-on an H100; this kernel reads only the packed bytes and multiplies 1 to 16 rows. More rows than `max_rows()`:
-the caller dispatches to cuSPARSELt or a dense matmul (`linear` refuses them).
+Why: decode reads every weight once per token, so it is bound by memory bandwidth. A 2:4 fp16/bf16 weight kept as
+its values plus a 4-bit mask per group of four columns is 1.125 bytes per dense element instead of 2 (56%), so
+the limit is about 1.78x dense. cuSPARSELt pads one token to 16 rows and was slower than dense fp16 at 1 token on
+an H100. This kernel reads only the packed bytes for 1 to `max_rows()` (16) rows; more rows are refused (one
+line) and belong to cuSPARSELt or a dense matmul: the dispatch by token count lives with the caller.
 
-Layout (`Packed`; the bytes of rose's `packed24` export, so loading one is a copy, never a dense matrix):
+Layout (`Packed`): the bytes of rose's `packed24` export, so loading one is a copy, never a dense matrix.
+- `values`: R x C/2, fp16 or bf16, row-major: per row, the two kept values of each group of four columns, in
+  column order. Exactly `<m>.compressed` of `packed24`.
+- `masks`: R x S int32, row-major, S = 4 * ceil(C/128) words (each row a whole number of 16-byte pieces): nibble
+  q of word w (bits 4q..4q+3) is the keep mask of group g = 8w+q, bit j set = column 4g+j kept, exactly two bits
+  set. This is `<m>.bitmask` of `packed24` (uint8, bit j of byte b = column 8b+j) read as little-endian words,
+  each row padded with zero bytes to 16; for C a multiple of 128 it is the very same bytes.
+- C must be a multiple of 4 (whole groups; others are refused); any R. Padding nibbles are zero.
 
-- `values`: R x C/2, fp16 or bf16, row-major: for each row, the two kept values of each group of four columns, in
-  column order. This is exactly `<m>.compressed` of `packed24`.
-- `masks`: R x S int32, row-major, S = 4 * ceil(C/128) (each row a multiple of 16 bytes): nibble q of word w
-  (bits 4q..4q+3, little end first) is the keep mask of group 8w+q, bit j set = column 4(8w+q)+j kept (exactly
-  two bits set). This is `<m>.bitmask` of `packed24` (uint8, bit j of byte b = column 8b+j), read as 32-bit words
-  and padded per row with zero words to 16 bytes; for C a multiple of 128 it is the same bytes.
-- C must be a multiple of 4 (whole groups); any R. Padding nibbles are zero.
-
-Why it coalesces: a program owns BLOCK_N consecutive rows and walks K in steps of BLOCK_K columns. Per step it reads,
-for each of its rows, one contiguous run of BLOCK_K bytes of values (BLOCK_K/2 values) and one contiguous run of
-BLOCK_K/8 bytes of masks, each starting on a 16-byte boundary when C is a multiple of 16 (Triton proves it from the
-strides and emits 16-byte vector loads). Consecutive threads read consecutive 16-byte pieces of a row, so a warp's
-request covers whole 128-byte lines; nothing is gathered. The 2 bits per kept value are a plain nibble per group,
-so decoding is shifts and selects in registers, and the values need no reordering at all.
+Why it coalesces: a program owns BLOCK_N consecutive rows and walks its share of K in steps of BLOCK_K columns.
+Per step it reads, for each of its rows, one contiguous run of BLOCK_K bytes of values and one of BLOCK_K/8 bytes
+of masks, each on a 16-byte boundary when C is a multiple of 64 (Triton proves it from the strides, which it
+specializes when they are multiples of 16). Consecutive threads take consecutive 16-byte pieces of a row, so
+every request covers whole 32-byte sectors and 128-byte lines: on sm_90 the values arrive by 16-byte `cp.async`,
+pipelined two steps deep into shared memory. Nothing is gathered, and the values need no reordering: a group's
+two kept values are one 32-bit word (first value in the low half).
 
 Kernel (`runtime/_triton24_kernels.py`), one program per (BLOCK_N rows, K split):
-- x is read once per step per program (BLOCK_M x BLOCK_K, tiny and L2-resident) and reused by all BLOCK_N rows.
-- `dot` variant (more than `FMA_MAX_ROWS` rows): each group's nibble and kept pair expand in registers to the
-  four dense columns 4g+j (j = 0..3) as four BLOCK_N x BLOCK_K/4 tiles; x is split the same way (columns j::4), and
-  four `tl.dot`s on the tensor cores (x padded to 16 rows) accumulate in fp32. No interleaving shuffle is needed:
-  the split by column-in-group turns the sparse product into four dense ones of a quarter of the depth.
-- `fma` variant (1 or 2 rows): no expansion. For each kept value, selects pick its x entry (the first kept value
-  sits in column 0, 1 or 2 of its group, the second in 1, 2 or 3) and fp32 FMAs accumulate; per group that is four
-  bit tests, four selects and two FMAs per row, cheaper than expanding four dense columns.
-- Enough bytes in flight: when the output rows give too few programs for the GPU (few rows, say 1024), K is split
-  so that there are about `PROGRAMS_PER_SM` programs per multiprocessor. The partial sums (fp32) go to a workspace;
-  a per-tile counter (atomic, acquire/release) lets the last program of each tile add the partials in split order,
-  so results do not depend on timing, add the bias and store y, in the same launch (no second kernel, no memset:
-  the last program resets the counter).
-- fp16 and bf16 values and inputs, fp32 accumulation; the bias (any float dtype) is added in fp32; y has x's dtype.
-- Configs are chosen by shape (`pick_config`), with no autotuning: a small table that a GPU run can revise
-  (`scripts/gpu_triton24.py` times the alternatives).
+- Tensor-core variant (the default for every row count): each group's 32-bit word kv of kept values expands in
+  registers to its two dense column pairs (4g, 4g+1) and (4g+2, 4g+3): pair 01 is kv when column 0 is kept, else
+  kv << 16; pair 23 is kv when column 3 is kept, else kv >> 16; then the half of each unkept column is cleared with
+  a mask spread from the nibble. About 15 integer instructions per group, no byte permutes. The dense BLOCK_N x
+  BLOCK_K tile then meets x (padded to 16 rows, read once per step for all BLOCK_N rows) in `tl.dot`
+  (mma.sync m16n8k16, fp32 accumulation). The padding costs nothing that matters: tensor-core work per weight byte
+  is tiny, so 1 row and 16 rows take about the same time, which is the point at 8-16 tokens.
+- FMA variant (`Config(use_dot=False)`, one row only; not the default): no expansion; for each kept value, selects
+  pick its x entry (the first kept value sits in column 0, 1 or 2 of its group, the second in 1, 2 or 3) and fp32
+  FMAs accumulate. Fewer operations per group on paper, but Triton moves its per-group selects between layouts
+  through shared memory and does not pipeline its loads, so it is kept as an alternative that
+  `scripts/gpu_triton24.py` times at 1 token (`FMA_MAX_ROWS` switches it on).
+- Enough bytes in flight: besides the pipelining, K is split when the output rows give too few programs (1024
+  rows, say): about `PROGRAMS_PER_SM` programs per multiprocessor, each split at least `MIN_STEPS_PER_SPLIT`
+  steps. Partial sums (fp32) go to a workspace; a per-tile counter (atomic add, acquire/release at GPU scope, after
+  a barrier) lets the last program of each tile add the partials in split order, so results are bit-identical run
+  to run, add the bias and store y, all in the same launch (no second kernel, no memset: the last program resets
+  the counter).
+- fp16 and bf16 values and x, fp32 accumulation, one rounding at the end; the bias is added in fp32; y has x's
+  dtype. Configs come from a small table by shape (`pick_config`), no autotuning.
 
-The counters make concurrent calls with the same `Packed` on different CUDA streams unsafe when K is split; calls in
-one stream (and CUDA graph replays) are fine.
+The counters make concurrent calls with one `Packed` on different CUDA streams unsafe when K is split; calls in
+one stream, and CUDA graph replays, are fine.
 
-On the CPU: when Triton was imported with `TRITON_INTERPRET=1` in the environment, CPU tensors run the same kernel
-in Triton's interpreter (slow; for tests). One difference: there, bf16 tensor-core products are done in fp32
-(equally exact), because the interpreter's `tl.dot` mishandles bf16 (Triton 3.9). The packers and `unpack` need
-neither a GPU nor Triton.
+On the CPU: when Triton was imported with `TRITON_INTERPRET=1` in the environment (and it is still set when the
+kernel runs), CPU tensors run the same kernel in Triton's interpreter (slow; for tests). One difference there: the
+tensor-core product of bf16 tiles is done in fp32 (equally exact: bf16 products fit fp32), because Triton 3.9's
+interpreter multiplies bf16 bit patterns as integers. The packers, `unpack` and the input checks need neither a
+GPU nor Triton. `_triton24_kernels.compile_for_sm` builds the kernel for sm_90 without a GPU (for checks).
 """
 from __future__ import annotations
 
@@ -221,6 +226,8 @@ def pack_packed24(compressed: torch.Tensor, bitmask: torch.Tensor, shape, name: 
         raise RoseRuntimeError(f"{name}: the bitmask does not keep exactly two of four in "
                                f"{_where(int(bad[0]), cols // 4)}")
     values = compressed.detach().cpu().reshape(rows, cols // 2).contiguous()
+    if values.storage_offset() % 2:  # the kernel reads a group's pair as one 32-bit word
+        values = values.clone()
     return Packed(values, masks, _locks(rows), rows, cols)
 
 
