@@ -16,16 +16,17 @@ import triton.language as tl
 def sparse24_kernel(
     x_ptr, v_ptr, p_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K,
-    stride_xm, stride_vn, stride_pn, stride_mn, stride_ym,
+    stride_xm, stride_pn, stride_mn, stride_ym,
     k_per_split, g_per_split, w_per_split, n_split,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[:M, tile] = x[:M] W[tile]^T (+ bias) for one tile of BLOCK_N output features and one K split.
 
-    W's tile comes as its kept values (`v_ptr`: fp16/bf16, two per group of four columns, in column order; `p_ptr`:
-    the same bytes as one int32 per group, first value in the low half) and `m_ptr` (int32 words, nibble q of word w
-    = keep mask of group 8w+q: bit j set = column 4g+j kept). Per-group tensors are shaped (rows, word, nibble).
+    W's tile comes as its kept values, read through `p_ptr` as one int32 per group of four columns (the two kept
+    values in column order, the first in the low half; `v_ptr` is the same memory as fp16/bf16 and gives the
+    dtype) and `m_ptr` (int32 words, nibble q of word w = keep mask of group 8w+q: bit j set = column 4g+j kept).
+    Per-group tensors are shaped (rows, word, nibble), as the loads deliver them.
     USE_DOT: expand each group to its two dense column pairs with 32-bit integer ops and multiply the dense tile on
     the tensor cores, x padded to BLOCK_M = 16 rows. Otherwise (BLOCK_M == 1): pick, for each kept value, its x
     entry with selects and accumulate with fp32 FMAs; no expansion at all.
@@ -138,11 +139,29 @@ def compiled():
     return triton.jit(sparse24_kernel)
 
 
-def interpreter_ready() -> bool:
-    """Whether Triton was imported with `TRITON_INTERPRET=1`, so that its library functions run interpreted."""
+def _loop_probe(out_ptr, n):
+    total = 0
+    for i in range(0, n):
+        total += i
+    tl.store(out_ptr, total)
+
+
+def interpreter_problem() -> str | None:
+    """None when Triton's interpreter can run the kernel on CPU tensors in this process, else why not (one line).
+    It needs Triton imported with `TRITON_INTERPRET=1` (its library functions are decorated then) and still set,
+    and an interpreter that loops to a run-time bound (Triton 3.6's fails under numpy 2; 3.9's works)."""
+    import torch
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(tl.standard.zeros_like, InterpretedFunction)
+    if not isinstance(tl.standard.zeros_like, InterpretedFunction):
+        return "triton was imported before TRITON_INTERPRET=1 was set (set it in the environment before the import)"
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        InterpretedFunction(_loop_probe)[(1,)](out, 4)
+    except Exception as exc:  # noqa: BLE001 - any failure means: this interpreter cannot run the kernel
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop with a run-time bound here "
+                f"({type(exc).__name__}); use triton>=3.9")
+    return None if int(out) == 6 else f"Triton {triton.__version__}'s interpreter summed a loop wrongly"
 
 
 def interpreted():

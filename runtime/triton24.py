@@ -329,10 +329,10 @@ def _kernel(device: torch.device):
         except ImportError as exc:
             raise RoseRuntimeError(f"the Triton 2:4 kernel needs the triton package ({first_line(exc)}): "
                                    f"pip install triton") from None
-        if how == "interpreted" and not k.interpreter_ready():
-            raise RoseRuntimeError("x is on the CPU: the Triton 2:4 kernel runs on CUDA, or on the CPU in Triton's "
-                                   "interpreter (for tests) when TRITON_INTERPRET=1 is set before triton is imported; "
-                                   "runtime.cpu24 is the CPU kernel")
+        if how == "interpreted" and (why := k.interpreter_problem()):
+            raise RoseRuntimeError(f"x is on the CPU: the Triton 2:4 kernel runs on CUDA, or on CPU tensors in "
+                                   f"Triton's interpreter (for tests), which cannot run here: {why}; runtime.cpu24 "
+                                   f"is the CPU kernel")
         _KERNELS[how] = getattr(k, how)()
     return _KERNELS[how]
 
@@ -402,7 +402,7 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *,
     kernel[(tiles, split)](
         x2, values, pairs, packed.masks, bias if bias is not None else y, y, ws, packed.locks,
         rows, rows_out, cols,
-        x2.stride(0), values.stride(0), pairs.stride(0), packed.masks.stride(0), y.stride(0),
+        x2.stride(0), pairs.stride(0), packed.masks.stride(0), y.stride(0),
         per, per // 4, per // 32, split,
         HAS_BIAS=bias is not None, SPLIT=split > 1, USE_DOT=config.use_dot,
         UPCAST_DOT=config.use_dot and x.dtype == torch.bfloat16 and x.device.type == "cpu",

@@ -33,7 +33,8 @@ Exit status: 0 when every correctness check passed (timing targets are reported,
     |---|---|---|---|---|---|---|---|---|---|
     | fp16 | 4096x4096 | 1 | 9.1 | 5.9 | 11.0 | 12.3 | 1.54 | 1.86 | dot m16 n64 k128 split8 w4 s2 |
 
-    | dtype | shape | 1-token GB/s | share of copy | crossover vs cuSPARSELt | 1.4x @1 | 1.2x @8 | never slower below crossover |
+    | dtype | shape | 1-token GB/s | share of copy | crossover vs cuSPARSELt | 1.4x dense @1 | 1.2x dense @8 | never
+    slower than cuSPARSELt below crossover |   (one line in the file)
     |---|---|---|---|---|---|---|---|
     | fp16 | 4096x4096 | 3210 | 0.75 | none | yes | yes | yes |
 
@@ -249,7 +250,8 @@ def run_shape(args, dname: str, shape: tuple[int, int], env: dict, seed: int, lo
         cases.append({"dtype": dname, "shape": f"{rows}x{cols}", "tokens": m, "check": chk,
                       "config": config.name(), "us": {}, "timing": {}})
         log(f"{dname} {rows}x{cols} m={m}: rel err {chk['rel_err']:.2e} ({'ok' if chk['ok'] else 'FAILED'})")
-    info = {"pack_seconds": round(pack_s, 2), "packed_bytes": packed.nbytes, "dense_bytes": W.numel() * W.element_size()}
+    info = {"pack_seconds": round(pack_s, 2), "packed_bytes": packed.nbytes,
+            "dense_bytes": W.numel() * W.element_size()}
     if args.dry_run:
         return cases, info
 

@@ -21,30 +21,27 @@ from runtime import triton24 as t24
 
 def _import_triton_for_interpreter() -> str | None:
     """None when Triton's interpreter can run the kernel here, else why not."""
-    if "triton" not in sys.modules:
-        before = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
         try:
             import triton  # noqa: F401
         except ImportError:
             return "triton is not installed (pip install triton)"
+        try:  # Triton 3.9 imports this on a kernel's first call and checks the variable then too
+            import triton.experimental.gluon  # noqa: F401
+        except ImportError:
+            pass
+        try:
+            from runtime import _triton24_kernels
+        except ImportError as exc:
+            return f"triton cannot be imported ({exc})"
+        return _triton24_kernels.interpreter_problem()
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
         else:
-            try:  # Triton 3.9 imports this on a kernel's first call and checks the variable then too
-                import triton.experimental.gluon  # noqa: F401
-            except ImportError:
-                pass
-        finally:
-            if before is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = before
-    try:
-        from runtime import _triton24_kernels
-    except ImportError as exc:
-        return f"triton cannot be imported ({exc})"
-    if not _triton24_kernels.interpreter_ready():
-        return "triton was imported before TRITON_INTERPRET=1 was set; run tests/test_triton24.py on its own"
-    return None
+            os.environ["TRITON_INTERPRET"] = before
 
 
 WHY_NOT = _import_triton_for_interpreter()
@@ -340,7 +337,7 @@ def test_kernel_compiles_for_hopper(tmp_path):
     """The same source through Triton's NVIDIA backend for sm_90 (no GPU needed: Triton ships ptxas), in a fresh
     process without TRITON_INTERPRET: the default tensor-core config (fp16, split K) and bf16 with a bias use
     16-byte async copies and mma.sync, the split uses an acquire/release counter, nothing spills to local
-    memory; the FMA variant builds too."""
+    memory; the FMA variant builds too. There, CPU tensors are refused in one line."""
     if WHY_NOT is not None and "not installed" in WHY_NOT:
         pytest.skip(WHY_NOT)
     import json
@@ -366,6 +363,14 @@ for name, kw in {"fp16": {}, "bf16": {"dtype": "bf16", "has_bias": True},
                  "async16": bool(re.search(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)),
                  "vec16": "ld.global.v4" in ptx, "counter": "atom.global.gpu.acq_rel.add" in ptx,
                  "spills": None if sass is None else bool(re.search(r"\b(STL|LDL)\b", sass))}
+import torch
+from runtime import RoseRuntimeError, triton24
+p = triton24.pack_dense(torch.eye(8, dtype=torch.float16))
+try:
+    triton24.linear(torch.ones(1, 8, dtype=torch.float16), p)
+    out["cpu_refused"] = None
+except RoseRuntimeError as exc:
+    out["cpu_refused"] = str(exc)
 print(json.dumps(out))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -382,3 +387,6 @@ print(json.dumps(out))
         assert got[name]["spills"] in (False, None), got
     assert got["fma"]["vec16"] and got["fma"]["counter"] and not got["fma"]["mma"], got
     assert got["fma"]["spills"] in (False, None), got
+    # CPU tensors without the interpreter: one line that says what to do
+    msg = got["cpu_refused"]
+    assert msg and msg.startswith("x is on the CPU") and "TRITON_INTERPRET" in msg and "\n" not in msg, msg
