@@ -4,8 +4,9 @@ The packers and input checks need neither a GPU nor Triton. The kernel itself ru
 tensors: the `triton` package from PyPI installs beside the CPU build of torch, and Triton must be imported with
 TRITON_INTERPRET=1 in the environment (and still see it when a kernel runs), so this module imports it with the
 variable set and the kernel tests set it again while they run (the `interpreter` fixture); it is put back between
-tests. Without Triton, or when something imported it earlier without the variable, the kernel tests skip and say
-why.
+tests. Without Triton (or with one whose interpreter cannot run the kernel: use triton>=3.9), or when something
+imported it earlier without the variable, the kernel tests skip and say why. One test compiles the kernel for
+sm_90 through Triton's NVIDIA backend, which needs no GPU.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def interpreter(monkeypatch):
     if WHY_NOT is not None:
         pytest.skip(WHY_NOT)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 DTYPES = [torch.float16, torch.bfloat16]
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}   # one unit in the last place, relative
 
