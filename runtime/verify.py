@@ -81,14 +81,15 @@ def load_config(directory: Path, fmt: str):
     except (OSError, ValueError) as exc:
         raise RoseRuntimeError(f"{directory}/config.json cannot be read ({first_line(exc)[:160]}): re-export the "
                                f"model") from None
-    marker: Any = getattr(config, FORMAT_KEY, None)
-    if not isinstance(marker, dict) or marker.get("name") != fmt:
-        found = marker.get("name") if isinstance(marker, dict) else "no rose format"
-        raise RoseRuntimeError(f"{directory} is not a {fmt} export (its config.json says {found}): pass the {fmt}/ "
-                               f"directory of a rose export")
-    for key, value in marker.get("replaced", {}).items():
-        setattr(config, key, value)
-    delattr(config, FORMAT_KEY)
+    marker: Any = getattr(config, FORMAT_KEY, None)  # absent in exports written before rose marked them
+    if marker is not None:
+        if not isinstance(marker, dict) or marker.get("name") != fmt:
+            found = marker.get("name") if isinstance(marker, dict) else marker
+            raise RoseRuntimeError(f"{directory} is not a {fmt} export (its config.json says {found}): pass the "
+                                   f"{fmt}/ directory of a rose export")
+        for key, value in marker.get("replaced", {}).items():
+            setattr(config, key, value)
+        delattr(config, FORMAT_KEY)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config

@@ -407,3 +407,15 @@ def test_onnxruntime_genai_generates_pytorchs_greedy_tokens(tmp_path):
         while not gen.is_done():
             gen.generate_next_token()
         assert [int(t) for t in gen.get_sequence(0)] == want, fmt
+
+
+def test_a_loader_refuses_another_format_and_reads_unmarked_older_exports(exported, tmp_path):
+    from runtime.packed24 import load_packed24
+
+    with pytest.raises(Exception, match="is not a packed24 export .its config.json says semi-structured"):
+        load_packed24(exported / "semi-structured")
+    d = copy_of(exported / "packed24", tmp_path, "packed24")  # alone: no manifest beside it
+    config = json.loads((d / "config.json").read_text())
+    config.update(config.pop("rose_format")["replaced"])  # as rose wrote packed24 before the marker
+    (d / "config.json").write_text(json.dumps(config))
+    assert load_packed24(d).config.hidden_act == "silu"
