@@ -142,6 +142,30 @@ int64_t pack_bitmask(const T* kept, const uint8_t* bitmask, int64_t rows, int64_
   return -1;
 }
 
+int64_t check_masks(const uint32_t* masks, int64_t rows, int64_t cols) {
+  const int64_t n = mask_count(rows, cols), G = groups(cols);
+  // Per-nibble popcounts in one word (SWAR): each nibble must count 2, so the word must be 0x22222222. A branch-free
+  // OR over blocks keeps the loop vectorisable; the rare bad block is then searched word by word.
+  const auto counts = [](uint32_t w) {
+    w = w - ((w >> 1) & 0x55555555u);
+    return (w & 0x33333333u) + ((w >> 2) & 0x33333333u);
+  };
+  constexpr int64_t kBlock = 1024;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    uint32_t bad = 0;
+    for (int64_t i = b; i < e; ++i) bad |= counts(masks[i]) ^ 0x22222222u;
+    if (!bad) continue;
+    for (int64_t i = b; i < e; ++i) {
+      const uint32_t diff = counts(masks[i]) ^ 0x22222222u;
+      if (!diff) continue;
+      const int r = __builtin_ctz(diff) / 4;  // first bad row of the panel
+      return ((i / G) * kPanel + r) * G + i % G;
+    }
+  }
+  return -1;
+}
+
 template <typename T>
 static void unpack_scalar(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0,
                           int64_t p1, T* out, int64_t ldo) {
@@ -196,6 +220,21 @@ static void gemm_scalar(const T* values, const uint32_t* masks, int64_t rows, in
 
 #if ROSE24_X86
 #define ROSE24_AVX2 __attribute__((target("avx2,fma")))
+
+#ifndef ROSE24_PREFETCH
+#define ROSE24_PREFETCH 48
+#endif
+// Software prefetch of one panel's stream, kPrefetch groups ahead. With a few tokens the FMAs fill the reorder
+// buffer and the hardware prefetchers (which stop at 4 KiB pages) keep too few lines in flight: one token ran at
+// full bandwidth but eight at half of it. A panel's values take one line per group (fp32) or per two (bf16).
+constexpr int64_t kPrefetch = ROSE24_PREFETCH;
+template <typename T>
+static inline void prefetch_ahead(const T* values, const uint32_t* masks, int64_t g, int64_t G) {
+  if (g + kPrefetch < G) {
+    _mm_prefetch(reinterpret_cast<const char*>(values + (g + kPrefetch) * 16), _MM_HINT_T0);
+    if ((g & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(masks + g + kPrefetch), _MM_HINT_T0);
+  }
+}
 
 ROSE24_AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 ROSE24_AVX2 static inline __m256 load8(const uint16_t* p) {
@@ -295,6 +334,7 @@ ROSE24_AVX2 static void panel_avx2(const T* values, const uint32_t* masks, int64
   for (int m = 0; m < MC; ++m)
     for (int a = 0; a < NA; ++a) acc[m][a] = zero;
   for (int64_t g = 0; g < G; ++g) {
+    prefetch_ahead(values, masks, g, G);
     __m256 w0, w1, w2, w3;
     decode_avx2(values + g * 16, masks[g], s0, w0, w1, w2, w3);
     const float* xg = x + 4 * g;
@@ -392,6 +432,8 @@ ROSE24_AVX512 static void pair_avx512(const T* v0, const T* v1, const uint32_t* 
   for (int m = 0; m < MC; ++m)
     for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
+    prefetch_ahead(v0, k0p, g, G);
+    prefetch_ahead(v1, k1p, g, G);
     const __m512i word = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(k0p[g])), 0xFF00,
                                                 static_cast<int>(k1p[g]));
     const __mmask16 m0 = _mm512_test_epi32_mask(word, bit0), m1 = _mm512_test_epi32_mask(word, bit1);
