@@ -31,6 +31,11 @@ namespace {
 using ort::call;
 
 constexpr const char* kDomain = "rose";
+// From this many rows of X (tokens) on, the product goes through dense tiles and onnxruntime's MatMul (attribute
+// `dense_from` overrides; 0: never). Measured on the dev machine against onnxruntime's MatMul: see cpp/README.md.
+constexpr int64_t kDenseFrom = 128;
+// Dense weight rows per tile: the tile (cols x rows, fp32) stays within kTileBytes, with at least 64 rows.
+constexpr int64_t kTileBytes = 4 << 20;
 constexpr const char* kOpName = "Sparse24MatMul";
 enum Input : size_t { kX = 0, kValues = 1, kMasks = 2, kBias = 3, kInputs = 4 };
 
@@ -101,6 +106,14 @@ struct Kernel {
   int64_t rows = 0, cols = 0;
   ONNXTensorElementDataType values_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   const void* checked_masks = nullptr;
+  int64_t dense_from = 0;            // from this many rows of X on: dense tiles and onnxruntime's MatMul
+  OrtOp* matmul = nullptr;           // onnxruntime's own MatMul kernel, for those tiles (null: kernel only)
+  OrtMemoryInfo* cpu = nullptr;      // describes the tiles handed to it
+
+  ~Kernel() {
+    if (matmul) call<ort::kReleaseOp>(matmul);
+    if (cpu) call<ort::kReleaseMemoryInfo>(cpu);
+  }
 
   OrtStatus* fail(const std::string& msg) const { return error(where + ": " + msg); }
 
@@ -148,6 +161,30 @@ OrtStatus* read_int(const OrtKernelInfo* info, const char* name, int64_t& out) {
   return nullptr;
 }
 
+// An optional int attribute: `fallback` when the node does not set it.
+int64_t read_int_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t v = fallback;
+  if (OrtStatus* s = call<ort::kKernelInfoGetAttribute_int64>(info, name, &v)) {
+    call<ort::kReleaseStatus>(s);
+    return fallback;
+  }
+  return v;
+}
+
+// onnxruntime's MatMul (ONNX opset 13, float) as a standalone kernel, for the many-token path; null if this build
+// of onnxruntime cannot make one (a minimal build), and then the 2:4 kernel serves every token count.
+OrtOp* make_matmul(const OrtKernelInfo* info) {
+  const char* type_names[] = {"T"};
+  const ONNXTensorElementDataType type_values[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  OrtOp* op = nullptr;
+  if (OrtStatus* s = call<ort::kCreateOp>(info, "MatMul", "", 13, type_names, type_values, 1, nullptr, 0, 2, 1, &op)) {
+    call<ort::kReleaseStatus>(s);
+    trace("no standalone MatMul in this onnxruntime: the 2:4 kernel serves every token count");
+    return nullptr;
+  }
+  return op;
+}
+
 std::string node_name(const OrtKernelInfo* info) {
   size_t size = 0;
   if (OrtStatus* s = call<ort::kKernelInfo_GetNodeName>(info, nullptr, &size)) {
@@ -175,6 +212,12 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   if (k->rows <= 0 || k->cols <= 0 || k->cols % 4 || k->rows > (int64_t{1} << 31) || k->cols > (int64_t{1} << 31))
     return k->fail("needs rows > 0 and cols a positive multiple of 4, got rows=" + std::to_string(k->rows) +
                    " cols=" + std::to_string(k->cols));
+  k->dense_from = read_int_or(info, "dense_from", kDenseFrom);
+  if (k->dense_from < 0) return k->fail("dense_from must be >= 0 (0: never), got " + std::to_string(k->dense_from));
+  if (k->dense_from > 0) {
+    ROSE_RETURN_IF_ERROR(call<ort::kCreateCpuMemoryInfo>(OrtDeviceAllocator, OrtMemTypeDefault, &k->cpu));
+    k->matmul = make_matmul(info);
+  }
   // Constant (initializer) weights are checked once, here: a bad one fails the session's creation.
   const Input packed[] = {kValues, kMasks};
   for (Input i : packed) {
@@ -206,6 +249,81 @@ struct Job {
   float* y;
   int64_t M, panels_per_task, P;
 };
+
+struct UnpackJob {
+  const Kernel* k;
+  const void* values;
+  const uint32_t* masks;
+  float* tile;
+  int64_t p0, p1, ld, panels_per_task;
+};
+
+void run_unpack(void* user, size_t task) {
+  const UnpackJob& j = *static_cast<const UnpackJob*>(user);
+  const int64_t a = j.p0 + static_cast<int64_t>(task) * j.panels_per_task, b = std::min(j.p1, a + j.panels_per_task);
+  float* out = j.tile + (a - j.p0) * rose24::kPanel;
+  if (j.k->values_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    rose24::unpack_panels_t(static_cast<const float*>(j.values), j.masks, j.k->rows, j.k->cols, a, b, out, j.ld);
+  else
+    rose24::unpack_panels_t(static_cast<const uint16_t*>(j.values), j.masks, j.k->rows, j.k->cols, a, b, out, j.ld);
+}
+
+// Many tokens: the 2:4 kernel does a dense product's arithmetic and onnxruntime's MatMul does it faster. A few
+// weight rows at a time are unpacked (transposed, fp32) into one small tile, multiplied by onnxruntime's own MatMul
+// on the same thread pool, and copied into their columns of Y with the bias. The dense weight never exists whole.
+OrtStatus* compute_tiled(const Kernel& k, OrtKernelContext* ctx, const OrtValue* x_value, const Tensor& X,
+                         const void* values, const uint32_t* masks, const float* bias, float* y, int64_t M) {
+  const int64_t R = k.rows, C = k.cols, P = rose24::panels(R);
+  int64_t nb = std::max<int64_t>(64, kTileBytes / (4 * C)) / 16 * 16;
+  nb = std::min(nb, P * rose24::kPanel);
+  std::unique_ptr<float[]> tile(new float[C * nb]);
+  // one tile covering every row writes Y directly; otherwise a part of Y, then copied into its columns
+  const bool direct = nb == R;
+  std::unique_ptr<float[]> part(direct ? nullptr : new float[M * nb]);
+  std::vector<int64_t> out_dims = X.dims;
+  for (int64_t r0 = 0; r0 < R; r0 += nb) {
+    const int64_t width = std::min(nb, P * rose24::kPanel - r0), n = std::min(width, R - r0);
+    UnpackJob job{&k, values, masks, tile.get(), r0 / rose24::kPanel, (r0 + width) / rose24::kPanel, width, 2};
+    const size_t tasks = static_cast<size_t>((job.p1 - job.p0 + 1) / 2);
+    ROSE_RETURN_IF_ERROR(call<ort::kKernelContext_ParallelFor>(ctx, &run_unpack, tasks, size_t{0},
+                                                               static_cast<void*>(&job)));
+    const int64_t tile_dims[2] = {C, width};
+    out_dims.back() = width;
+    float* dst = direct ? y : part.get();
+    OrtValue* w_value = nullptr;
+    OrtValue* y_value = nullptr;
+    OrtStatus* s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, static_cast<void*>(tile.get()),
+                                                              static_cast<size_t>(C * width * 4), tile_dims,
+                                                              size_t{2}, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                                              &w_value);
+    if (!s)
+      s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, static_cast<void*>(dst), static_cast<size_t>(M * width * 4),
+                                                     out_dims.data(), out_dims.size(),
+                                                     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &y_value);
+    if (!s) {
+      const OrtValue* inputs[2] = {x_value, w_value};
+      s = call<ort::kInvokeOp>(ctx, k.matmul, inputs, 2, &y_value, 1);
+    }
+    if (w_value) call<ort::kReleaseValue>(w_value);
+    if (y_value) call<ort::kReleaseValue>(y_value);
+    if (s) return s;
+    if (direct) {
+      if (bias)
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t j = 0; j < R; ++j) y[m * R + j] += bias[j];
+    } else {
+      for (int64_t m = 0; m < M; ++m) {
+        const float* src = part.get() + m * width;
+        float* out = y + m * R + r0;
+        if (bias)
+          for (int64_t j = 0; j < n; ++j) out[j] = src[j] + bias[r0 + j];
+        else
+          std::memcpy(out, src, sizeof(float) * n);
+      }
+    }
+  }
+  return nullptr;
+}
 
 void run_task(void* user, size_t task) {
   const Job& j = *static_cast<const Job*>(user);
@@ -253,6 +371,13 @@ OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   Tensor Y;
   ROSE_RETURN_IF_ERROR(inspect(out, Y));
 
+  if (k.matmul && k.dense_from > 0 && M >= k.dense_from) {
+    const OrtValue* x_value = nullptr;
+    ROSE_RETURN_IF_ERROR(call<ort::kKernelContext_GetInput>(ctx, kX, &x_value));
+    return compute_tiled(k, ctx, x_value, X, in[kValues].data, static_cast<const uint32_t*>(in[kMasks].data),
+                         present[kBias] ? static_cast<const float*>(in[kBias].data) : nullptr,
+                         static_cast<float*>(Y.data), M);
+  }
   Job job{&k, in[kValues].data, static_cast<const uint32_t*>(in[kMasks].data), static_cast<const float*>(X.data),
           present[kBias] ? static_cast<const float*>(in[kBias].data) : nullptr, static_cast<float*>(Y.data), M, 0,
           rose24::panels(k.rows)};
@@ -329,9 +454,10 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   if (!api) {
     ort::g_api = base->GetApi(1);  // every onnxruntime has version 1, whose slot 0 is CreateStatus
     if (!ort::g_api) return nullptr;
+    // C API version N arrived with onnxruntime 1.N
     const std::string msg = std::string("rose's onnxruntime operators need C API version ") +
-                            std::to_string(version) + " (onnxruntime 1.17 or newer); this onnxruntime is " +
-                            base->GetVersionString();
+                            std::to_string(version) + " (onnxruntime 1." + std::to_string(version) +
+                            " or newer); this onnxruntime is " + base->GetVersionString();
     return call<ort::kCreateStatus>(ORT_FAIL, msg.c_str());
   }
   ort::g_api = api;

@@ -96,6 +96,25 @@ static void test_case(int64_t rows, int64_t cols, int64_t M, bool with_bias, std
           (long long)cols);
   }
 
+  // the transposed fp32 unpack (the right-hand side of a dense product), in two slices of panels; padding rows are
+  // zeros even when the stored padding values are not
+  CHECK(check_masks(masks.data(), rows, cols) == -1, "check_masks rejected packed masks (%lldx%lld)",
+        (long long)rows, (long long)cols);
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+    const int64_t P = panels(rows), ld = P * kPanel + 3, half = P / 2;
+    std::vector<float> dirty(values);
+    if (rows % kPanel) dirty[((P - 1) * (cols / 4)) * 16 + 7] = 5.0f;  // a padding row's stored value
+    std::vector<float> back(cols * ld, NAN);
+    unpack_panels_t(dirty.data(), masks.data(), rows, cols, 0, half, back.data(), ld, isa);
+    unpack_panels_t(dirty.data(), masks.data(), rows, cols, half, P, back.data() + half * kPanel, ld, isa);
+    bool same = true;
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < P * kPanel; ++r) same &= back[c * ld + r] == (r < rows ? W[r * cols + c] : 0.0f);
+      same &= std::isnan(back[c * ld + P * kPanel]);  // nothing written past the panels
+    }
+    CHECK(same, "transposed unpack (%s) differs (%lldx%lld)", isa_name(isa), (long long)rows, (long long)cols);
+  }
+
   // packing from the packed24 export's (kept values, bitmask) gives the same bytes
   const int64_t mb = (cols + 7) / 8;
   std::vector<float> kept(rows * cols / 2);
@@ -132,6 +151,14 @@ static void test_case(int64_t rows, int64_t cols, int64_t M, bool with_bias, std
     for (int64_t i = 0; i < rows * cols; ++i) same &= back[i] == Wh[i] || (back[i] == 0 && (Wh[i] & 0x7fff) == 0);
     CHECK(same, "bf16 unpack (%s) differs (%lldx%lld)", isa_name(isa), (long long)rows, (long long)cols);
   }
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+    std::vector<float> back(cols * panels(rows) * kPanel, NAN);
+    unpack_panels_t(vh.data(), masks2.data(), rows, cols, 0, panels(rows), back.data(), panels(rows) * kPanel, isa);
+    bool same = true;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) same &= back[c * panels(rows) * kPanel + r] == bf16_to_f32(Wh[r * cols + c]);
+    CHECK(same, "bf16 transposed unpack (%s) differs (%lldx%lld)", isa_name(isa), (long long)rows, (long long)cols);
+  }
   for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
     std::vector<float> y(M * rows, NAN);
     gemm(vh.data(), masks2.data(), rows, cols, x.data(), M, ldx, b, y.data(), rows, 2, isa);
@@ -155,6 +182,23 @@ static void test_errors(std::mt19937& rng) {
   bitmask[2 * 2 + 1] = 0x37;  // row 2, group 2: three bits
   CHECK(pack_bitmask(kept.data(), bitmask.data(), 9, 12, values.data(), masks.data()) == 2 * 3 + 2,
         "a bitmask nibble with three bits was accepted");
+
+  // check_masks: the first bad nibble in panel order, padding rows included
+  W = random24(9, 12, rng);
+  CHECK(pack_dense(W.data(), 9, 12, 12, values.data(), masks.data()) == -1, "pack rejected a 2:4 matrix");
+  CHECK(check_masks(masks.data(), 9, 12) == -1, "check_masks rejected good masks");
+  std::vector<uint32_t> bad(masks);
+  bad[1 * 3 + 2] ^= 1u << 4 * 0;  // panel 1 (row 8), group 2: one bit flipped
+  CHECK(check_masks(bad.data(), 9, 12) == 8 * 3 + 2, "a flipped bit in row 8 was not found");
+  bad[0 * 3 + 1] &= ~(0xfu << 4 * 6);  // panel 0, row 6, group 1: no bits at all
+  CHECK(check_masks(bad.data(), 9, 12) == 6 * 3 + 1, "an empty nibble in row 6 was not the first reported");
+  bad = masks;
+  bad[1 * 3 + 0] |= 0xfu << 4 * 7;  // row 15: a padding row of the last panel
+  CHECK(check_masks(bad.data(), 9, 12) == 15 * 3 + 0, "a bad padding-row nibble was not found");
+  std::vector<uint32_t> many(mask_count(8, 4 * 3000), 0x33333333u);  // several blocks; the bad word in a late one
+  CHECK(check_masks(many.data(), 8, 4 * 3000) == -1, "check_masks rejected good masks (several blocks)");
+  many[2500] = 0x33333330u;
+  CHECK(check_masks(many.data(), 8, 4 * 3000) == 2500, "a bad nibble in a late block was not found");
 }
 
 int main() {

@@ -47,10 +47,11 @@ def session_options(threads: int | None = None) -> Any:
     return options
 
 
-def session(model_path: str | os.PathLike, threads: int | None = None, options: Any = None,
+def session(model: str | os.PathLike | bytes, threads: int | None = None, options: Any = None,
             providers: list | None = None) -> Any:
-    """An `onnxruntime.InferenceSession` for `model_path` on the CPU with rose's operators registered. `options`:
-    your own `SessionOptions` (the library is registered on it; `threads` still applies when given)."""
+    """An `onnxruntime.InferenceSession` for `model` (a path, or the serialized model) on the CPU with rose's
+    operators registered. `options`: your own `SessionOptions` (the library is registered on it; `threads` still
+    applies when given)."""
     import onnxruntime as ort
 
     if options is None:
@@ -65,11 +66,12 @@ def session(model_path: str | os.PathLike, threads: int | None = None, options: 
         except Exception as exc:
             raise RoseRuntimeError(f"onnxruntime {ort.__version__} cannot load {LIBRARY.name}: "
                                    f"{_ort_message(exc)}") from exc
+    what = "the model" if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(str(model_path), sess_options=options,
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # a bad packed weight fails here, with the node and the problem in the message
-        raise RoseRuntimeError(f"{model_path}: {_ort_message(exc)}") from exc
+        raise RoseRuntimeError(f"{what}: {_ort_message(exc)}") from exc
 
 
 def _ort_message(exc: BaseException) -> str:

@@ -55,8 +55,9 @@ def model_bytes(nodes, inits, inputs, outputs) -> bytes:
     return model.SerializeToString()
 
 
-def ort_models(rows: int, cols: int, copies: int, bf16: bool) -> tuple[bytes, bytes]:
-    """(dense MatMul model, Sparse24MatMul model), each with `copies` layers reading the same x."""
+def ort_models(rows: int, cols: int, copies: int, bf16: bool, dense_from: int | None = None) -> tuple[bytes, bytes]:
+    """(dense MatMul model, Sparse24MatMul model), each with `copies` layers reading the same x; `dense_from`
+    sets the operator's attribute (None: its default)."""
     from onnx import TensorProto, helper, numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", cols])
@@ -80,8 +81,9 @@ def ort_models(rows: int, cols: int, copies: int, bf16: bool) -> tuple[bytes, by
         else:
             sparse_inits.append(numpy_helper.from_array(values.numpy(), f"w{i}.values"))
         sparse_inits.append(numpy_helper.from_array(masks.numpy(), f"w{i}.masks"))
+        extra = {} if dense_from is None else {"dense_from": dense_from}
         sparse_nodes.append(helper.make_node("Sparse24MatMul", ["x", f"w{i}.values", f"w{i}.masks"], [f"y{i}"],
-                                             domain="rose", rows=rows, cols=cols))
+                                             domain="rose", rows=rows, cols=cols, **extra))
     return (model_bytes(dense_nodes, dense_inits, [x], outs), model_bytes(sparse_nodes, sparse_inits, [x], outs))
 
 
@@ -99,7 +101,7 @@ def bench_ort(args, rows, cols, bf16) -> list[dict]:
 
     sparse_bytes = rows * cols * (1.0625 if bf16 else 2.125)
     copies = max(2, math.ceil(args.cache_bytes / sparse_bytes))
-    dense_model, sparse_model = ort_models(rows, cols, copies, bf16)
+    dense_model, sparse_model = ort_models(rows, cols, copies, bf16, args.dense_from)
     def options():
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
@@ -196,6 +198,7 @@ def main() -> None:
     p.add_argument("--torch", action="store_true", help="also PyTorch: sparse24_linear against F.linear")
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--spin", action="store_true", help="let onnxruntime's idle pool threads spin (its default)")
+    p.add_argument("--dense-from", type=int, help="the operator's dense_from attribute (default: its own)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
