@@ -9,6 +9,7 @@
 // `Slot` is exercised by tests/test_ort_op.py (ROSE_ORT_TRACE=1 reports each slot's first use).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -149,16 +150,21 @@ ROSE_ORT_SLOTS(ROSE_ORT_TYPE)
 
 // Called on each slot's first use when ROSE_ORT_TRACE is set (the tests' proof that every slot is called).
 void trace_slot(size_t index, const char* label);
-extern bool g_trace;
+extern std::atomic<bool> g_trace;
 
-// The table onnxruntime gave us (set once in RegisterCustomOps; the same table for every session).
-extern const OrtApi* g_api;
+// The table onnxruntime gave us (set in RegisterCustomOps, the same table for every session of a process).
+extern std::atomic<const OrtApi*> g_api;
+
+template <Slot S, typename... Args>
+inline auto call_on(const OrtApi* api, Args... args) {
+  if (g_trace.load(std::memory_order_relaxed)) trace_slot(S, SlotType<S>::label);
+  const auto fn = reinterpret_cast<typename SlotType<S>::type>(reinterpret_cast<void* const*>(api)[S]);
+  return fn(args...);
+}
 
 template <Slot S, typename... Args>
 inline auto call(Args... args) {
-  if (g_trace) trace_slot(S, SlotType<S>::label);
-  const auto fn = reinterpret_cast<typename SlotType<S>::type>(reinterpret_cast<void* const*>(g_api)[S]);
-  return fn(args...);
+  return call_on<S>(g_api.load(std::memory_order_relaxed), args...);
 }
 
 }  // namespace ort

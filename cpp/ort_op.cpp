@@ -16,8 +16,8 @@
 
 namespace ort {
 
-const OrtApi* g_api = nullptr;
-bool g_trace = false;
+std::atomic<const OrtApi*> g_api{nullptr};
+std::atomic<bool> g_trace{false};
 
 void trace_slot(size_t index, const char* label) {
   static std::atomic<bool> seen[512];
@@ -34,13 +34,14 @@ constexpr const char* kDomain = "rose";
 // From this many rows of X (tokens) on, the product goes through dense tiles and onnxruntime's MatMul (attribute
 // `dense_from` overrides; 0: never). Measured on the dev machine against onnxruntime's MatMul: see cpp/README.md.
 constexpr int64_t kDenseFrom = 128;
-// Dense weight rows per tile: the tile (cols x rows, fp32) stays within kTileBytes, with at least 64 rows.
+// Bytes of each dense tile there (attribute `tile_bytes` overrides): the weight tile (cols x some rows, fp32) and
+// the part of Y it yields (some tokens x those rows) each stay within it, with at least 16 rows and 16 tokens.
 constexpr int64_t kTileBytes = 4 << 20;
 constexpr const char* kOpName = "Sparse24MatMul";
 enum Input : size_t { kX = 0, kValues = 1, kMasks = 2, kBias = 3, kInputs = 4 };
 
 void trace(const std::string& what) {
-  if (ort::g_trace) std::fprintf(stderr, "rose_ort: %s\n", what.c_str());
+  if (ort::g_trace.load(std::memory_order_relaxed)) std::fprintf(stderr, "rose_ort: %s\n", what.c_str());
 }
 
 OrtStatus* error(const std::string& msg) { return call<ort::kCreateStatus>(ORT_INVALID_ARGUMENT, msg.c_str()); }
@@ -107,6 +108,7 @@ struct Kernel {
   ONNXTensorElementDataType values_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   const void* checked_masks = nullptr;
   int64_t dense_from = 0;            // from this many rows of X on: dense tiles and onnxruntime's MatMul
+  int64_t tile_bytes = kTileBytes;   // the size of those tiles
   OrtOp* matmul = nullptr;           // onnxruntime's own MatMul kernel, for those tiles (null: kernel only)
   OrtMemoryInfo* cpu = nullptr;      // describes the tiles handed to it
 
@@ -214,6 +216,9 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
                    " cols=" + std::to_string(k->cols));
   k->dense_from = read_int_or(info, "dense_from", kDenseFrom);
   if (k->dense_from < 0) return k->fail("dense_from must be >= 0 (0: never), got " + std::to_string(k->dense_from));
+  k->tile_bytes = read_int_or(info, "tile_bytes", kTileBytes);
+  if (k->tile_bytes < 1024 || k->tile_bytes > (int64_t{1} << 34))
+    return k->fail("tile_bytes must be between 1024 and 2^34, got " + std::to_string(k->tile_bytes));
   if (k->dense_from > 0) {
     ROSE_RETURN_IF_ERROR(call<ort::kCreateCpuMemoryInfo>(OrtDeviceAllocator, OrtMemTypeDefault, &k->cpu));
     k->matmul = make_matmul(info);
@@ -268,58 +273,73 @@ void run_unpack(void* user, size_t task) {
     rose24::unpack_panels_t(static_cast<const uint16_t*>(j.values), j.masks, j.k->rows, j.k->cols, a, b, out, j.ld);
 }
 
+// Y[m, r0 + j] = part[m * ld + j] (+ bias[r0 + j]) for j < n, rows m of one task; part may be Y itself (ld = R).
+struct FinishJob {
+  const float* part;
+  const float* bias;
+  float* y;
+  int64_t ld, R, r0, n, rows_per_task, M;
+};
+
+void run_finish(void* user, size_t task) {
+  const FinishJob& j = *static_cast<const FinishJob*>(user);
+  const int64_t a = static_cast<int64_t>(task) * j.rows_per_task, b = std::min(j.M, a + j.rows_per_task);
+  for (int64_t m = a; m < b; ++m) {
+    const float* src = j.part + m * j.ld;
+    float* dst = j.y + m * j.R + j.r0;
+    if (j.bias)
+      for (int64_t i = 0; i < j.n; ++i) dst[i] = src[i] + j.bias[j.r0 + i];
+    else if (src != dst)
+      std::memcpy(dst, src, sizeof(float) * j.n);
+  }
+}
+
 // Many tokens: the 2:4 kernel does a dense product's arithmetic and onnxruntime's MatMul does it faster. A few
-// weight rows at a time are unpacked (transposed, fp32) into one small tile, multiplied by onnxruntime's own MatMul
-// on the same thread pool, and copied into their columns of Y with the bias. The dense weight never exists whole.
-OrtStatus* compute_tiled(const Kernel& k, OrtKernelContext* ctx, const OrtValue* x_value, const Tensor& X,
-                         const void* values, const uint32_t* masks, const float* bias, float* y, int64_t M) {
+// weight rows at a time are unpacked (transposed, fp32) into a small tile and multiplied, a few thousand tokens at
+// a time, by onnxruntime's own MatMul on the same thread pool; the result goes into its columns of Y with the bias.
+// Neither the dense weight nor any buffer the size of Y ever exists.
+OrtStatus* compute_tiled(const Kernel& k, OrtKernelContext* ctx, const float* x, const void* values,
+                         const uint32_t* masks, const float* bias, float* y, int64_t M) {
   const int64_t R = k.rows, C = k.cols, P = rose24::panels(R);
-  int64_t nb = std::max<int64_t>(64, kTileBytes / (4 * C)) / 16 * 16;
-  nb = std::min(nb, P * rose24::kPanel);
+  const int64_t nb = std::min(P * rose24::kPanel, std::max<int64_t>(16, k.tile_bytes / (4 * C) / 16 * 16));
+  const int64_t mc = std::min(M, std::max<int64_t>(16, k.tile_bytes / (4 * nb)));  // tokens per MatMul
+  const bool direct = nb == R;  // one tile covers every row: MatMul writes Y itself
   std::unique_ptr<float[]> tile(new float[C * nb]);
-  // one tile covering every row writes Y directly; otherwise a part of Y, then copied into its columns
-  const bool direct = nb == R;
-  std::unique_ptr<float[]> part(direct ? nullptr : new float[M * nb]);
-  std::vector<int64_t> out_dims = X.dims;
+  std::unique_ptr<float[]> part(direct ? nullptr : new float[mc * nb]);
   for (int64_t r0 = 0; r0 < R; r0 += nb) {
     const int64_t width = std::min(nb, P * rose24::kPanel - r0), n = std::min(width, R - r0);
-    UnpackJob job{&k, values, masks, tile.get(), r0 / rose24::kPanel, (r0 + width) / rose24::kPanel, width, 2};
-    const size_t tasks = static_cast<size_t>((job.p1 - job.p0 + 1) / 2);
-    ROSE_RETURN_IF_ERROR(call<ort::kKernelContext_ParallelFor>(ctx, &run_unpack, tasks, size_t{0},
-                                                               static_cast<void*>(&job)));
-    const int64_t tile_dims[2] = {C, width};
-    out_dims.back() = width;
-    float* dst = direct ? y : part.get();
-    OrtValue* w_value = nullptr;
-    OrtValue* y_value = nullptr;
-    OrtStatus* s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, static_cast<void*>(tile.get()),
-                                                              static_cast<size_t>(C * width * 4), tile_dims,
-                                                              size_t{2}, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-                                                              &w_value);
-    if (!s)
-      s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, static_cast<void*>(dst), static_cast<size_t>(M * width * 4),
-                                                     out_dims.data(), out_dims.size(),
-                                                     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &y_value);
-    if (!s) {
-      const OrtValue* inputs[2] = {x_value, w_value};
-      s = call<ort::kInvokeOp>(ctx, k.matmul, inputs, 2, &y_value, 1);
-    }
-    if (w_value) call<ort::kReleaseValue>(w_value);
-    if (y_value) call<ort::kReleaseValue>(y_value);
-    if (s) return s;
-    if (direct) {
-      if (bias)
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t j = 0; j < R; ++j) y[m * R + j] += bias[j];
-    } else {
-      for (int64_t m = 0; m < M; ++m) {
-        const float* src = part.get() + m * width;
-        float* out = y + m * R + r0;
-        if (bias)
-          for (int64_t j = 0; j < n; ++j) out[j] = src[j] + bias[r0 + j];
-        else
-          std::memcpy(out, src, sizeof(float) * n);
+    UnpackJob unpack{&k, values, masks, tile.get(), r0 / rose24::kPanel, (r0 + width) / rose24::kPanel, width, 2};
+    ROSE_RETURN_IF_ERROR(call<ort::kKernelContext_ParallelFor>(
+        ctx, &run_unpack, static_cast<size_t>((unpack.p1 - unpack.p0 + 1) / 2), size_t{0}, &unpack));
+    for (int64_t m0 = 0; m0 < M; m0 += mc) {
+      const int64_t rows = std::min(mc, M - m0);
+      float* dst = direct ? y + m0 * R : part.get();
+      const int64_t x_dims[2] = {rows, C}, w_dims[2] = {C, width}, y_dims[2] = {rows, width};
+      OrtValue* v[3] = {nullptr, nullptr, nullptr};
+      // the input is only read: onnxruntime's API takes a non-const pointer for every tensor it wraps
+      OrtStatus* s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, const_cast<float*>(x + m0 * C),
+                                                                static_cast<size_t>(rows * C * 4), x_dims, size_t{2},
+                                                                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &v[0]);
+      if (!s)
+        s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, static_cast<void*>(tile.get()),
+                                                       static_cast<size_t>(C * width * 4), w_dims, size_t{2},
+                                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &v[1]);
+      if (!s)
+        s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, static_cast<void*>(dst),
+                                                       static_cast<size_t>(rows * width * 4), y_dims, size_t{2},
+                                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &v[2]);
+      if (!s) {
+        const OrtValue* inputs[2] = {v[0], v[1]};
+        s = call<ort::kInvokeOp>(ctx, k.matmul, inputs, 2, &v[2], 1);
       }
+      for (OrtValue* value : v)
+        if (value) call<ort::kReleaseValue>(value);
+      if (s) return s;
+      if (direct && !bias) continue;
+      FinishJob finish{dst, bias, y + m0 * R, direct ? R : width, R, r0, n, 0, rows};
+      finish.rows_per_task = std::max<int64_t>(1, 16384 / n);
+      const size_t tasks = static_cast<size_t>((rows + finish.rows_per_task - 1) / finish.rows_per_task);
+      ROSE_RETURN_IF_ERROR(call<ort::kKernelContext_ParallelFor>(ctx, &run_finish, tasks, size_t{0}, &finish));
     }
   }
   return nullptr;
@@ -371,19 +391,16 @@ OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   Tensor Y;
   ROSE_RETURN_IF_ERROR(inspect(out, Y));
 
-  if (k.matmul && k.dense_from > 0 && M >= k.dense_from) {
-    const OrtValue* x_value = nullptr;
-    ROSE_RETURN_IF_ERROR(call<ort::kKernelContext_GetInput>(ctx, kX, &x_value));
-    return compute_tiled(k, ctx, x_value, X, in[kValues].data, static_cast<const uint32_t*>(in[kMasks].data),
-                         present[kBias] ? static_cast<const float*>(in[kBias].data) : nullptr,
-                         static_cast<float*>(Y.data), M);
-  }
+  const float* bias = present[kBias] ? static_cast<const float*>(in[kBias].data) : nullptr;
+  if (k.matmul && k.dense_from > 0 && M >= k.dense_from)
+    return compute_tiled(k, ctx, static_cast<const float*>(X.data), in[kValues].data,
+                         static_cast<const uint32_t*>(in[kMasks].data), bias, static_cast<float*>(Y.data), M);
   Job job{&k, in[kValues].data, static_cast<const uint32_t*>(in[kMasks].data), static_cast<const float*>(X.data),
-          present[kBias] ? static_cast<const float*>(in[kBias].data) : nullptr, static_cast<float*>(Y.data), M, 0,
-          rose24::panels(k.rows)};
+          bias, static_cast<float*>(Y.data), M, 0, rose24::panels(k.rows)};
   // Tasks of whole panel pairs (the AVX-512 path works on two panels at a time), at least ~128k multiply-adds
   // each so that small products stay on one thread, and at most 64 tasks for the pool to balance.
-  const int64_t min_panels = (131072 + rose24::kPanel * k.cols * M - 1) / (rose24::kPanel * k.cols * M);
+  const int64_t panel_work = rose24::kPanel * k.cols * std::min<int64_t>(M, 1 << 20);  // no overflow
+  const int64_t min_panels = (131072 + panel_work - 1) / panel_work;
   int64_t per_task = std::max<int64_t>({2, min_panels, (job.P + 63) / 64});
   per_task += per_task & 1;
   job.panels_per_task = per_task;
@@ -446,21 +463,21 @@ struct Domains {
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                 const OrtApiBase* base) {
-  ort::g_trace = std::getenv("ROSE_ORT_TRACE") != nullptr;
+  ort::g_trace.store(std::getenv("ROSE_ORT_TRACE") != nullptr);
   // Test hook: ask for a newer API than this onnxruntime has, to see the message an old onnxruntime gives.
   uint32_t version = ort::kApiVersion;
   if (const char* v = std::getenv("ROSE_ORT_API_VERSION")) version = std::max<uint32_t>(version, std::atoi(v));
   const OrtApi* api = base->GetApi(version);
   if (!api) {
-    ort::g_api = base->GetApi(1);  // every onnxruntime has version 1, whose slot 0 is CreateStatus
-    if (!ort::g_api) return nullptr;
+    const OrtApi* v1 = base->GetApi(1);  // every onnxruntime has version 1, whose slot 0 is CreateStatus
+    if (!v1) return nullptr;
     // C API version N arrived with onnxruntime 1.N
     const std::string msg = std::string("rose's onnxruntime operators need C API version ") +
                             std::to_string(version) + " (onnxruntime 1." + std::to_string(version) +
                             " or newer); this onnxruntime is " + base->GetVersionString();
-    return call<ort::kCreateStatus>(ORT_FAIL, msg.c_str());
+    return ort::call_on<ort::kCreateStatus>(v1, ORT_FAIL, msg.c_str());
   }
-  ort::g_api = api;
+  ort::g_api.store(api);
   OrtCustomOpDomain* domain = nullptr;
   ROSE_RETURN_IF_ERROR(call<ort::kCreateCustomOpDomain>(kDomain, &domain));
   {

@@ -123,13 +123,15 @@ def test_many_tokens_through_onnxruntime_matmul(threads):
     """From `dense_from` tokens on: dense tiles (several, the last one partial, rows not a multiple of 8 or 16)
     multiplied by onnxruntime's MatMul; one tile covering all rows writes Y directly. 3-D inputs, bias or not."""
     rng = np.random.default_rng(7)
-    for rows, cols, bias_on in ((1000, 2048, True), (1003, 2048, False), (64, 64, True), (40, 12, False)):
+    cases = [(1000, 2048, True, None), (1003, 2048, False, None), (64, 64, True, None), (40, 12, False, None),
+             (203, 256, True, 4096)]  # tiles of 16 rows and 64 tokens: several of each, the last ones partial
+    for rows, cols, bias_on, tile_bytes in cases:
         W = random24(rows, cols, rows)
         values, masks = packed(W)
         bias = rng.standard_normal(rows).astype(np.float32) if bias_on else None
-        sess = rort.session(model(rows, cols, values, masks, bias, attrs={"rows": rows, "cols": cols,
-                                                                          "dense_from": 5}), threads=threads)
-        for shape in ((5, cols), (2, 3, cols), (4, cols), (1, cols)):
+        attrs = {"rows": rows, "cols": cols, "dense_from": 5, **({"tile_bytes": tile_bytes} if tile_bytes else {})}
+        sess = rort.session(model(rows, cols, values, masks, bias, attrs=attrs), threads=threads)
+        for shape in ((5, cols), (2, 3, cols), (4, cols), (1, cols), (150, cols)):
             x = rng.standard_normal(shape).astype(np.float32)
             (y,) = sess.run(None, {"x": x})
             ref = x.astype(np.float64) @ W.double().numpy().T + (bias if bias is not None else 0.0)
@@ -204,6 +206,9 @@ def corrupt_cases():
                   r"rose\.Sparse24MatMul needs the int attribute 'rows'"))
     cases.append(("cols not a multiple of 4", model(rows, 18, values, m, attrs={"rows": rows, "cols": 18}),
                   r"needs rows > 0 and cols a positive multiple of 4, got rows=20 cols=18"))
+    cases.append(("tiny tile_bytes", model(rows, cols, values, m, attrs={"rows": rows, "cols": cols,
+                                                                        "tile_bytes": 100}),
+                  r"tile_bytes must be between 1024 and 2\^34, got 100"))
     cases.append(("negative dense_from", model(rows, cols, values, m, attrs={"rows": rows, "cols": cols,
                                                                             "dense_from": -1}),
                   r"dense_from must be >= 0"))
