@@ -478,6 +478,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     return ort::call_on<ort::kCreateStatus>(v1, ORT_FAIL, msg.c_str());
   }
   ort::g_api.store(api);
+  trace(std::string("kernel path ") + rose24::isa_name(rose24::best_isa()));
   OrtCustomOpDomain* domain = nullptr;
   ROSE_RETURN_IF_ERROR(call<ort::kCreateCustomOpDomain>(kDomain, &domain));
   {

@@ -343,3 +343,42 @@ def test_every_declared_slot_is_called(tmp_path):
                                 f"unexpected: {sorted(set(called) - set(declared))}")
     assert "checking masks of rose.Sparse24MatMul node 'layer0'" in run.stderr  # once, at creation
     assert run.stderr.count("checking masks") == 1, run.stderr
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_lower_code_paths(tmp_path, isa):
+    """The kernel's AVX2 and scalar paths inside onnxruntime (ROSE24_ISA caps the path the library picks; a child
+    process, since the library reads it once), fp32 and bf16 values, kernel and tiles."""
+    rng = np.random.default_rng(11)
+    rows, cols = 37, 100
+    W = random24(rows, cols, 4)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    x = rng.standard_normal((9, cols)).astype(np.float32)
+    files = []
+    for dtype, ref_w in ((torch.float32, W), (torch.bfloat16, W.to(torch.bfloat16))):
+        values, masks = packed(W, dtype)
+        v = bf16_tensor(values, "w.values") if dtype == torch.bfloat16 else values
+        for dense_from in (0, 4):
+            path = tmp_path / f"{dtype}-{dense_from}.onnx"
+            path.write_bytes(model(rows, cols, v, masks, bias,
+                                   attrs={"rows": rows, "cols": cols, "dense_from": dense_from}))
+            want = tmp_path / f"{dtype}-{dense_from}.npy"
+            np.save(want, x.astype(np.float64) @ ref_w.double().numpy().T + bias)
+            files.append((str(path), str(want)))
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from runtime.ort import session
+        x = np.load({str(tmp_path / "x.npy")!r})
+        for path, want in {files!r}:
+            y, = session(path, threads=2).run(None, {{"x": x}})
+            want = np.load(want)
+            err = float(np.abs(y - want).max() / np.abs(want).max())
+            assert err < 1e-5, (path, err)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "ROSE24_ISA": isa, "ROSE_ORT_TRACE": "1"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    paths = set(re.findall(r"rose_ort: kernel path (\w+)", run.stderr))
+    assert paths == {isa} or (isa == "avx2" and paths == {"scalar"}), paths  # a CPU without AVX2 runs scalar
