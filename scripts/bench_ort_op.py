@@ -101,33 +101,41 @@ def bench_ort(args, rows, cols, bf16) -> list[dict]:
 
     sparse_bytes = rows * cols * (1.0625 if bf16 else 2.125)
     copies = max(2, math.ceil(args.cache_bytes / sparse_bytes))
-    dense_model, sparse_model = ort_models(rows, cols, copies, bf16, args.dense_from)
+
     def options():
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
-        # two sessions take turns here: a spinning idle pool of one would steal a core from the other
+        # sessions take turns here: a spinning idle pool of one would steal a core from the other
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if args.spin else "0")
         return so
 
-    dense = ort.InferenceSession(dense_model, options(), providers=["CPUExecutionProvider"])
-    so = options()
-    so.register_custom_ops_library(str(library_path()))
-    sparse = ort.InferenceSession(sparse_model, so, providers=["CPUExecutionProvider"])
-    del dense_model, sparse_model
+    sessions = {}
+    for df in args.dense_from:  # one 2:4 session per dense_from value (None: the operator's default)
+        dense_model, sparse_model = ort_models(rows, cols, copies, bf16, df)
+        if not sessions:
+            sessions["onnx-dense"] = ort.InferenceSession(dense_model, options(), providers=["CPUExecutionProvider"])
+        so = options()
+        so.register_custom_ops_library(str(library_path()))
+        name = "onnx-rose" if df is None else f"onnx-rose[dense_from={df}]"
+        sessions[name] = ort.InferenceSession(sparse_model, so, providers=["CPUExecutionProvider"])
+        del dense_model, sparse_model
     rows_out = []
     for M in args.tokens:
         x = np.random.default_rng(M).standard_normal((M, cols), dtype=np.float32)
-        want = dense.run(None, {"x": x})
-        got = sparse.run(None, {"x": x})
-        err = max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(want, got))
-        assert err < 1e-4, f"Sparse24MatMul disagrees with MatMul: {err}"
+        want = sessions["onnx-dense"].run(None, {"x": x})
+        for name, sess in sessions.items():
+            got = sess.run(None, {"x": x})
+            err = max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(want, got))
+            assert err < 1e-4, f"{name} disagrees with MatMul: {err}"
         inner = max(1, int(args.inner // max(1, M // 16)))
-        times = {"onnx-dense": [], "onnx-rose": []}
+        times = {name: [] for name in sessions}
         for _ in range(args.reps):
-            times["onnx-dense"].append(timed(lambda: dense.run(None, {"x": x}), inner) / copies)
-            times["onnx-rose"].append(timed(lambda: sparse.run(None, {"x": x}), inner) / copies)
-        rows_out.append(summary(rows, cols, M, bf16, times, "onnx-dense", "onnx-rose", copies))
-        print(line(rows_out[-1]), flush=True)
+            for name, sess in sessions.items():
+                times[name].append(timed(lambda: sess.run(None, {"x": x}), inner) / copies)
+        for name in list(sessions)[1:]:
+            rows_out.append(summary(rows, cols, M, bf16, {k: times[k] for k in ("onnx-dense", name)},
+                                    "onnx-dense", name, copies))
+            print(line(rows_out[-1]), flush=True)
     return rows_out
 
 
@@ -181,9 +189,10 @@ def summary(rows, cols, M, bf16, times, dense_key, rose_key, copies) -> dict:
 def line(r: dict) -> str:
     d, s = r["dense"], r["rose"]
     bw = r["weight_GBps"]
+    best = min(r["times_s"][d]) / min(r["times_s"][s])
     return (f"{r['shape']:>11} {r['values']} M={r['tokens']:<5} {d} {r['median_ms'][d]:8.3f} ms  {s} "
-            f"{r['median_ms'][s]:8.3f} ms  speedup {r['speedup']:.2f}x  weight GB/s {bw[d]:.1f} / {bw[s]:.1f} "
-            f"(ratio {bw[s] / bw[d]:.2f})")
+            f"{r['median_ms'][s]:8.3f} ms  speedup {r['speedup']:.2f}x (of minima {best:.2f}x)  weight GB/s "
+            f"{bw[d]:.1f} / {bw[s]:.1f} (ratio {bw[s] / bw[d]:.2f})")
 
 
 def main() -> None:
@@ -198,10 +207,12 @@ def main() -> None:
     p.add_argument("--torch", action="store_true", help="also PyTorch: sparse24_linear against F.linear")
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--spin", action="store_true", help="let onnxruntime's idle pool threads spin (its default)")
-    p.add_argument("--dense-from", type=int, help="the operator's dense_from attribute (default: its own)")
+    p.add_argument("--dense-from", default="", help="comma-separated dense_from attributes, one 2:4 session each "
+                                                     "(default: the operator's own)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.dense_from = [int(v) for v in args.dense_from.split(",")] if args.dense_from else [None]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     import onnxruntime
