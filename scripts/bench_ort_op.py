@@ -55,7 +55,8 @@ def model_bytes(nodes, inits, inputs, outputs) -> bytes:
     return model.SerializeToString()
 
 
-def ort_models(rows: int, cols: int, copies: int, bf16: bool, dense_from: int | None = None) -> tuple[bytes, bytes]:
+def ort_models(rows: int, cols: int, copies: int, bf16: bool, dense_from: int | None = None,
+               tile_bytes: int | None = None) -> tuple[bytes, bytes]:
     """(dense MatMul model, Sparse24MatMul model), each with `copies` layers reading the same x; `dense_from`
     sets the operator's attribute (None: its default)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -82,6 +83,8 @@ def ort_models(rows: int, cols: int, copies: int, bf16: bool, dense_from: int | 
             sparse_inits.append(numpy_helper.from_array(values.numpy(), f"w{i}.values"))
         sparse_inits.append(numpy_helper.from_array(masks.numpy(), f"w{i}.masks"))
         extra = {} if dense_from is None else {"dense_from": dense_from}
+        if tile_bytes:
+            extra["tile_bytes"] = tile_bytes
         sparse_nodes.append(helper.make_node("Sparse24MatMul", ["x", f"w{i}.values", f"w{i}.masks"], [f"y{i}"],
                                              domain="rose", rows=rows, cols=cols, **extra))
     return (model_bytes(dense_nodes, dense_inits, [x], outs), model_bytes(sparse_nodes, sparse_inits, [x], outs))
@@ -111,7 +114,7 @@ def bench_ort(args, rows, cols, bf16) -> list[dict]:
 
     sessions = {}
     for df in args.dense_from:  # one 2:4 session per dense_from value (None: the operator's default)
-        dense_model, sparse_model = ort_models(rows, cols, copies, bf16, df)
+        dense_model, sparse_model = ort_models(rows, cols, copies, bf16, df, args.tile_bytes)
         if not sessions:
             sessions["onnx-dense"] = ort.InferenceSession(dense_model, options(), providers=["CPUExecutionProvider"])
         so = options()
@@ -207,6 +210,7 @@ def main() -> None:
     p.add_argument("--torch", action="store_true", help="also PyTorch: sparse24_linear against F.linear")
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--spin", action="store_true", help="let onnxruntime's idle pool threads spin (its default)")
+    p.add_argument("--tile-bytes", type=int, help="the operator's tile_bytes attribute (default: its own)")
     p.add_argument("--dense-from", default="", help="comma-separated dense_from attributes, one 2:4 session each "
                                                      "(default: the operator's own)")
     p.add_argument("--out", type=Path)
