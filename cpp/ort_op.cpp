@@ -397,12 +397,14 @@ OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
                          static_cast<const uint32_t*>(in[kMasks].data), bias, static_cast<float*>(Y.data), M);
   Job job{&k, in[kValues].data, static_cast<const uint32_t*>(in[kMasks].data), static_cast<const float*>(X.data),
           bias, static_cast<float*>(Y.data), M, 0, rose24::panels(k.rows)};
-  // Tasks of whole panel pairs (the AVX-512 path works on two panels at a time), at least ~128k multiply-adds
-  // each so that small products stay on one thread, and at most 64 tasks for the pool to balance.
+  // Tasks of whole panel pairs (the AVX-512 path works on two panels at a time; with many tokens, on blocks of
+  // 16), at least ~128k multiply-adds each so that small products stay on one thread, and at most 64 tasks for the
+  // pool to balance.
   const int64_t panel_work = rose24::kPanel * k.cols * std::min<int64_t>(M, 1 << 20);  // no overflow
   const int64_t min_panels = (131072 + panel_work - 1) / panel_work;
-  int64_t per_task = std::max<int64_t>({2, min_panels, (job.P + 63) / 64});
-  per_task += per_task & 1;
+  const int64_t unit = M >= rose24::blocked_from() ? rose24::kBlockPanels : 2;
+  int64_t per_task = std::max<int64_t>({unit, min_panels, (job.P + 63) / 64});
+  per_task = (per_task + unit - 1) / unit * unit;
   job.panels_per_task = per_task;
   const size_t tasks = static_cast<size_t>((job.P + per_task - 1) / per_task);
   if (tasks == 1) {

@@ -568,8 +568,7 @@ ROSE24_AVX512 static void gemm_avx512(const T* values, const uint32_t* masks, in
 // once into a tile (fp32, per column the 32 rows of four panels) and multiplied with every token, kTileTokens at a
 // time, by a micro-kernel that only loads and multiplies (24 accumulators: 12 tokens x 32 rows); partial sums go
 // through Y between column blocks. The tile is per call and small (128 KiB): the dense weight never exists.
-constexpr int64_t kBlockPanels = 16;  // 128 rows
-constexpr int64_t kBlockGroups = 64;  // 256 columns
+constexpr int64_t kBlockGroups = 64;  // 256 columns; kBlockPanels (sparse24.h): 128 rows
 constexpr int kTileTokens = 12;
 constexpr int64_t kTileFloats = kBlockPanels * 8 * kBlockGroups * 4;
 
@@ -707,7 +706,7 @@ static Isa resolve(Isa isa) {
 
 // From this many tokens on, the AVX-512 path decodes blocks once (gemm_blocked_avx512); ROSE24_BLOCKED_FROM=N
 // moves it (read once per process; the tests force both ways).
-static int64_t blocked_from() {
+int64_t blocked_from() {
   static const int64_t from = [] {
     const char* env = std::getenv("ROSE24_BLOCKED_FROM");
     return env && *env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{ROSE24_BLOCKED_DEFAULT};

@@ -68,6 +68,12 @@ template <typename T>
 void gemm_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
                  int64_t ldx, const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1, Isa isa);
 
+// From this many rows of x on, the AVX-512 path decodes blocks of 16 panels once and reuses them for every row
+// (callers splitting panels across threads should then hand out multiples of 16 panels). ROSE24_BLOCKED_FROM=N
+// in the environment moves it (read once per process).
+int64_t blocked_from();
+constexpr int64_t kBlockPanels = 16;
+
 // Convenience: the whole product with `threads` std::threads (the PyTorch binding uses its own thread pool).
 template <typename T>
 void gemm(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
