@@ -25,9 +25,6 @@ struct OrtKernelContext;
 struct OrtValue;
 struct OrtTensorTypeAndShapeInfo;
 struct OrtShapeInferContext;
-struct OrtMemoryInfo;
-struct OrtOp;
-struct OrtOpAttr;
 
 // The entry point onnxruntime hands to RegisterCustomOps.
 struct OrtApiBase {
@@ -52,7 +49,6 @@ enum OrtCustomOpInputOutputCharacteristic : int {
 };
 
 enum OrtMemType : int { OrtMemTypeDefault = 0 };
-enum OrtAllocatorType : int { OrtDeviceAllocator = 0 };
 
 // A custom operator's schema and kernel callbacks, as of OrtCustomOp version 17 (onnxruntime 1.17): 26 fields.
 // onnxruntime reads a field only if `version` is at least the version that introduced it, and skips a null
@@ -100,30 +96,19 @@ constexpr uint32_t kApiVersion = 17;
   X(CreateCustomOpDomain, 26, OrtStatus*, const char* domain, OrtCustomOpDomain** out)                            \
   X(CustomOpDomain_Add, 27, OrtStatus*, OrtCustomOpDomain* domain, const OrtCustomOp* op)                         \
   X(AddCustomOpDomain, 28, OrtStatus*, OrtSessionOptions* options, OrtCustomOpDomain* domain)                     \
-  X(CreateTensorWithDataAsOrtValue, 49, OrtStatus*, const OrtMemoryInfo* info, void* data, size_t bytes,          \
-    const int64_t* shape, size_t rank, ONNXTensorElementDataType type, OrtValue** out)                            \
   X(GetTensorMutableData, 51, OrtStatus*, OrtValue* value, void** out)                                            \
   X(GetTensorElementType, 60, OrtStatus*, const OrtTensorTypeAndShapeInfo* info, ONNXTensorElementDataType* out)  \
   X(GetDimensionsCount, 61, OrtStatus*, const OrtTensorTypeAndShapeInfo* info, size_t* out)                       \
   X(GetDimensions, 62, OrtStatus*, const OrtTensorTypeAndShapeInfo* info, int64_t* dims, size_t count)            \
   X(GetTensorTypeAndShape, 65, OrtStatus*, const OrtValue* value, OrtTensorTypeAndShapeInfo** out)                \
-  X(CreateCpuMemoryInfo, 69, OrtStatus*, OrtAllocatorType type, OrtMemType mem_type, OrtMemoryInfo** out)         \
   X(KernelInfoGetAttribute_int64, 86, OrtStatus*, const OrtKernelInfo* info, const char* name, int64_t* out)      \
   X(KernelContext_GetInputCount, 88, OrtStatus*, const OrtKernelContext* context, size_t* out)                    \
   X(KernelContext_GetInput, 90, OrtStatus*, const OrtKernelContext* context, size_t index, const OrtValue** out)  \
   X(KernelContext_GetOutput, 91, OrtStatus*, OrtKernelContext* context, size_t index, const int64_t* dims,        \
     size_t count, OrtValue** out)                                                                                 \
   X(ReleaseStatus, 93, void, OrtStatus* status)                                                                   \
-  X(ReleaseMemoryInfo, 94, void, OrtMemoryInfo* info)                                                             \
-  X(ReleaseValue, 96, void, OrtValue* value)                                                                      \
   X(ReleaseTensorTypeAndShapeInfo, 99, void, OrtTensorTypeAndShapeInfo* info)                                     \
   X(ReleaseCustomOpDomain, 101, void, OrtCustomOpDomain* domain)                                                  \
-  /* [12] */ X(CreateOp, 213, OrtStatus*, const OrtKernelInfo* info, const char* op_name, const char* domain,      \
-               int version, const char** type_names, const ONNXTensorElementDataType* type_values, int type_count, \
-               const OrtOpAttr* const* attrs, int attr_count, int input_count, int output_count, OrtOp** out)     \
-  /* [12] */ X(InvokeOp, 214, OrtStatus*, const OrtKernelContext* context, const OrtOp* op,                       \
-               const OrtValue* const* inputs, int input_count, OrtValue* const* outputs, int output_count)       \
-  /* [12] */ X(ReleaseOp, 215, void, OrtOp* op)                                                                   \
   /* [15] */ X(KernelInfo_GetNodeName, 244, OrtStatus*, const OrtKernelInfo* info, char* out, size_t* size)       \
   /* [15] */ X(KernelInfoGetConstantInput_tensor, 249, OrtStatus*, const OrtKernelInfo* info, size_t index,       \
                int* is_constant, const OrtValue** out)                                                            \

@@ -31,12 +31,6 @@ namespace {
 using ort::call;
 
 constexpr const char* kDomain = "rose";
-// From this many rows of X (tokens) on, the product goes through dense tiles and onnxruntime's MatMul (attribute
-// `dense_from` overrides; 0: never). Measured on the dev machine against onnxruntime's MatMul: see cpp/README.md.
-constexpr int64_t kDenseFrom = 128;
-// Bytes of each dense tile there (attribute `tile_bytes` overrides): the weight tile (cols x some rows, fp32) and
-// the part of Y it yields (some tokens x those rows) each stay within it, with at least 16 rows and 16 tokens.
-constexpr int64_t kTileBytes = 4 << 20;
 constexpr const char* kOpName = "Sparse24MatMul";
 enum Input : size_t { kX = 0, kValues = 1, kMasks = 2, kBias = 3, kInputs = 4 };
 
@@ -107,15 +101,6 @@ struct Kernel {
   int64_t rows = 0, cols = 0;
   ONNXTensorElementDataType values_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   const void* checked_masks = nullptr;
-  int64_t dense_from = 0;            // from this many rows of X on: dense tiles and onnxruntime's MatMul
-  int64_t tile_bytes = kTileBytes;   // the size of those tiles
-  OrtOp* matmul = nullptr;           // onnxruntime's own MatMul kernel, for those tiles (null: kernel only)
-  OrtMemoryInfo* cpu = nullptr;      // describes the tiles handed to it
-
-  ~Kernel() {
-    if (matmul) call<ort::kReleaseOp>(matmul);
-    if (cpu) call<ort::kReleaseMemoryInfo>(cpu);
-  }
 
   OrtStatus* fail(const std::string& msg) const { return error(where + ": " + msg); }
 
@@ -163,30 +148,6 @@ OrtStatus* read_int(const OrtKernelInfo* info, const char* name, int64_t& out) {
   return nullptr;
 }
 
-// An optional int attribute: `fallback` when the node does not set it.
-int64_t read_int_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
-  int64_t v = fallback;
-  if (OrtStatus* s = call<ort::kKernelInfoGetAttribute_int64>(info, name, &v)) {
-    call<ort::kReleaseStatus>(s);
-    return fallback;
-  }
-  return v;
-}
-
-// onnxruntime's MatMul (ONNX opset 13, float) as a standalone kernel, for the many-token path; null if this build
-// of onnxruntime cannot make one (a minimal build), and then the 2:4 kernel serves every token count.
-OrtOp* make_matmul(const OrtKernelInfo* info) {
-  const char* type_names[] = {"T"};
-  const ONNXTensorElementDataType type_values[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  OrtOp* op = nullptr;
-  if (OrtStatus* s = call<ort::kCreateOp>(info, "MatMul", "", 13, type_names, type_values, 1, nullptr, 0, 2, 1, &op)) {
-    call<ort::kReleaseStatus>(s);
-    trace("no standalone MatMul in this onnxruntime: the 2:4 kernel serves every token count");
-    return nullptr;
-  }
-  return op;
-}
-
 std::string node_name(const OrtKernelInfo* info) {
   size_t size = 0;
   if (OrtStatus* s = call<ort::kKernelInfo_GetNodeName>(info, nullptr, &size)) {
@@ -214,15 +175,6 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   if (k->rows <= 0 || k->cols <= 0 || k->cols % 4 || k->rows > (int64_t{1} << 31) || k->cols > (int64_t{1} << 31))
     return k->fail("needs rows > 0 and cols a positive multiple of 4, got rows=" + std::to_string(k->rows) +
                    " cols=" + std::to_string(k->cols));
-  k->dense_from = read_int_or(info, "dense_from", kDenseFrom);
-  if (k->dense_from < 0) return k->fail("dense_from must be >= 0 (0: never), got " + std::to_string(k->dense_from));
-  k->tile_bytes = read_int_or(info, "tile_bytes", kTileBytes);
-  if (k->tile_bytes < 1024 || k->tile_bytes > (int64_t{1} << 34))
-    return k->fail("tile_bytes must be between 1024 and 2^34, got " + std::to_string(k->tile_bytes));
-  if (k->dense_from > 0) {
-    ROSE_RETURN_IF_ERROR(call<ort::kCreateCpuMemoryInfo>(OrtDeviceAllocator, OrtMemTypeDefault, &k->cpu));
-    k->matmul = make_matmul(info);
-  }
   // Constant (initializer) weights are checked once, here: a bad one fails the session's creation.
   const Input packed[] = {kValues, kMasks};
   for (Input i : packed) {
@@ -254,96 +206,6 @@ struct Job {
   float* y;
   int64_t M, panels_per_task, P;
 };
-
-struct UnpackJob {
-  const Kernel* k;
-  const void* values;
-  const uint32_t* masks;
-  float* tile;
-  int64_t p0, p1, ld, panels_per_task;
-};
-
-void run_unpack(void* user, size_t task) {
-  const UnpackJob& j = *static_cast<const UnpackJob*>(user);
-  const int64_t a = j.p0 + static_cast<int64_t>(task) * j.panels_per_task, b = std::min(j.p1, a + j.panels_per_task);
-  float* out = j.tile + (a - j.p0) * rose24::kPanel;
-  if (j.k->values_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-    rose24::unpack_panels_t(static_cast<const float*>(j.values), j.masks, j.k->rows, j.k->cols, a, b, out, j.ld);
-  else
-    rose24::unpack_panels_t(static_cast<const uint16_t*>(j.values), j.masks, j.k->rows, j.k->cols, a, b, out, j.ld);
-}
-
-// Y[m, r0 + j] = part[m * ld + j] (+ bias[r0 + j]) for j < n, rows m of one task; part may be Y itself (ld = R).
-struct FinishJob {
-  const float* part;
-  const float* bias;
-  float* y;
-  int64_t ld, R, r0, n, rows_per_task, M;
-};
-
-void run_finish(void* user, size_t task) {
-  const FinishJob& j = *static_cast<const FinishJob*>(user);
-  const int64_t a = static_cast<int64_t>(task) * j.rows_per_task, b = std::min(j.M, a + j.rows_per_task);
-  for (int64_t m = a; m < b; ++m) {
-    const float* src = j.part + m * j.ld;
-    float* dst = j.y + m * j.R + j.r0;
-    if (j.bias)
-      for (int64_t i = 0; i < j.n; ++i) dst[i] = src[i] + j.bias[j.r0 + i];
-    else if (src != dst)
-      std::memcpy(dst, src, sizeof(float) * j.n);
-  }
-}
-
-// Many tokens: the 2:4 kernel does a dense product's arithmetic and onnxruntime's MatMul does it faster. A few
-// weight rows at a time are unpacked (transposed, fp32) into a small tile and multiplied, a few thousand tokens at
-// a time, by onnxruntime's own MatMul on the same thread pool; the result goes into its columns of Y with the bias.
-// Neither the dense weight nor any buffer the size of Y ever exists.
-OrtStatus* compute_tiled(const Kernel& k, OrtKernelContext* ctx, const float* x, const void* values,
-                         const uint32_t* masks, const float* bias, float* y, int64_t M) {
-  const int64_t R = k.rows, C = k.cols, P = rose24::panels(R);
-  const int64_t nb = std::min(P * rose24::kPanel, std::max<int64_t>(16, k.tile_bytes / (4 * C) / 16 * 16));
-  const int64_t mc = std::min(M, std::max<int64_t>(16, k.tile_bytes / (4 * nb)));  // tokens per MatMul
-  const bool direct = nb == R;  // one tile covers every row: MatMul writes Y itself
-  std::unique_ptr<float[]> tile(new float[C * nb]);
-  std::unique_ptr<float[]> part(direct ? nullptr : new float[mc * nb]);
-  for (int64_t r0 = 0; r0 < R; r0 += nb) {
-    const int64_t width = std::min(nb, P * rose24::kPanel - r0), n = std::min(width, R - r0);
-    UnpackJob unpack{&k, values, masks, tile.get(), r0 / rose24::kPanel, (r0 + width) / rose24::kPanel, width, 2};
-    ROSE_RETURN_IF_ERROR(call<ort::kKernelContext_ParallelFor>(
-        ctx, &run_unpack, static_cast<size_t>((unpack.p1 - unpack.p0 + 1) / 2), size_t{0}, &unpack));
-    for (int64_t m0 = 0; m0 < M; m0 += mc) {
-      const int64_t rows = std::min(mc, M - m0);
-      float* dst = direct ? y + m0 * R : part.get();
-      const int64_t x_dims[2] = {rows, C}, w_dims[2] = {C, width}, y_dims[2] = {rows, width};
-      OrtValue* v[3] = {nullptr, nullptr, nullptr};
-      // the input is only read: onnxruntime's API takes a non-const pointer for every tensor it wraps
-      OrtStatus* s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, const_cast<float*>(x + m0 * C),
-                                                                static_cast<size_t>(rows * C * 4), x_dims, size_t{2},
-                                                                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &v[0]);
-      if (!s)
-        s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, static_cast<void*>(tile.get()),
-                                                       static_cast<size_t>(C * width * 4), w_dims, size_t{2},
-                                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &v[1]);
-      if (!s)
-        s = call<ort::kCreateTensorWithDataAsOrtValue>(k.cpu, static_cast<void*>(dst),
-                                                       static_cast<size_t>(rows * width * 4), y_dims, size_t{2},
-                                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &v[2]);
-      if (!s) {
-        const OrtValue* inputs[2] = {v[0], v[1]};
-        s = call<ort::kInvokeOp>(ctx, k.matmul, inputs, 2, &v[2], 1);
-      }
-      for (OrtValue* value : v)
-        if (value) call<ort::kReleaseValue>(value);
-      if (s) return s;
-      if (direct && !bias) continue;
-      FinishJob finish{dst, bias, y + m0 * R, direct ? R : width, R, r0, n, 0, rows};
-      finish.rows_per_task = std::max<int64_t>(1, 16384 / n);
-      const size_t tasks = static_cast<size_t>((rows + finish.rows_per_task - 1) / finish.rows_per_task);
-      ROSE_RETURN_IF_ERROR(call<ort::kKernelContext_ParallelFor>(ctx, &run_finish, tasks, size_t{0}, &finish));
-    }
-  }
-  return nullptr;
-}
 
 void run_task(void* user, size_t task) {
   const Job& j = *static_cast<const Job*>(user);
@@ -392,9 +254,6 @@ OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   ROSE_RETURN_IF_ERROR(inspect(out, Y));
 
   const float* bias = present[kBias] ? static_cast<const float*>(in[kBias].data) : nullptr;
-  if (k.matmul && k.dense_from > 0 && M >= k.dense_from)
-    return compute_tiled(k, ctx, static_cast<const float*>(X.data), in[kValues].data,
-                         static_cast<const uint32_t*>(in[kMasks].data), bias, static_cast<float*>(Y.data), M);
   Job job{&k, in[kValues].data, static_cast<const uint32_t*>(in[kMasks].data), static_cast<const float*>(X.data),
           bias, static_cast<float*>(Y.data), M, 0, rose24::panels(k.rows)};
   // Tasks of whole panel pairs (the AVX-512 path works on two panels at a time; with many tokens, on blocks of

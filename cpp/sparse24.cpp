@@ -188,27 +188,6 @@ static void unpack_scalar(const T* values, const uint32_t* masks, int64_t rows, 
   }
 }
 
-template <typename T>
-static void unpack_t_scalar(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0,
-                            int64_t p1, float* out, int64_t ldo) {
-  const int64_t G = groups(cols);
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t g = 0; g < G; ++g) {
-      const T* v = values + (p * G + g) * 16;
-      const uint32_t word = masks[p * G + g];
-      float* o = out + 4 * g * ldo + (p - p0) * kPanel;
-      for (int r = 0; r < kPanel; ++r) {
-        float w[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (p * kPanel + r < rows) {
-          const uint32_t nib = word >> (4 * r) & 0xfu;
-          w[kFirst[nib]] = to_f32(v[r]);
-          w[kSecond[nib]] = to_f32(v[8 + r]);
-        }
-        for (int j = 0; j < 4; ++j) o[j * ldo + r] = w[j];
-      }
-    }
-}
-
 // ---- scalar path ---------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -346,29 +325,6 @@ ROSE24_AVX2 static void unpack_avx2(const T* values, const uint32_t* masks, int6
             o[r * ldo + 4 * g + j] = static_cast<uint16_t>(u >> 16);
           }
         }
-    }
-  }
-}
-
-// Transposed: each decoded lane vector is one column's eight rows, stored as they come.
-template <typename T>
-ROSE24_AVX2 static void unpack_t_avx2(const T* values, const uint32_t* masks, int64_t rows, int64_t cols,
-                                      int64_t p0, int64_t p1, float* out, int64_t ldo) {
-  const int64_t G = groups(cols);
-  const __m256i s0 = _mm256_setr_epi32(31, 27, 23, 19, 15, 11, 7, 3);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int live = static_cast<int>(std::min<int64_t>(kPanel, rows - p * kPanel));
-    // lanes of padding rows are cleared, whatever a damaged file stores there
-    const __m256 keep = _mm256_castsi256_ps(
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(live), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    const T* vp = values + p * G * 16;
-    const uint32_t* mp = masks + p * G;
-    float* o = out + (p - p0) * kPanel;
-    for (int64_t g = 0; g < G; ++g) {
-      prefetch_ahead(vp, mp, g, G);
-      __m256 w[4];
-      decode_avx2(vp + g * 16, mp[g], s0, w[0], w[1], w[2], w[3]);
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + (4 * g + j) * ldo, _mm256_and_ps(w[j], keep));
     }
   }
 }
@@ -745,19 +701,6 @@ void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t
 }
 
 template <typename T>
-void unpack_panels_t(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
-                     float* out, int64_t ldo, Isa isa) {
-  if (p0 < 0 || p1 > panels(rows) || p0 >= p1) return;
-#if ROSE24_X86
-  if (resolve(isa) != Isa::kScalar) {
-    unpack_t_avx2(values, masks, rows, cols, p0, p1, out, ldo);
-    return;
-  }
-#endif
-  unpack_t_scalar(values, masks, rows, cols, p0, p1, out, ldo);
-}
-
-template <typename T>
 void gemm(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
           int64_t ldx, const float* bias, float* y, int64_t ldy, int threads, Isa isa) {
   const int64_t P = panels(rows);
@@ -779,8 +722,6 @@ void gemm(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, co
 #define ROSE24_INSTANTIATE(T)                                                                                     \
   template int64_t pack_bitmask<T>(const T*, const uint8_t*, int64_t, int64_t, T*, uint32_t*);                  \
   template void unpack_panels<T>(const T*, const uint32_t*, int64_t, int64_t, int64_t, int64_t, T*, int64_t, Isa);\
-  template void unpack_panels_t<T>(const T*, const uint32_t*, int64_t, int64_t, int64_t, int64_t, float*, int64_t, \
-                                   Isa);                                                                          \
   template void gemm_panels<T>(const T*, const uint32_t*, int64_t, int64_t, const float*, int64_t, int64_t,       \
                                const float*, float*, int64_t, int64_t, int64_t, Isa);                            \
   template void gemm<T>(const T*, const uint32_t*, int64_t, int64_t, const float*, int64_t, int64_t,              \

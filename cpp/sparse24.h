@@ -56,12 +56,6 @@ template <typename T>
 void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
                    T* out, int64_t ldo, Isa isa = Isa::kAuto);
 
-// The same rows transposed and in fp32, as the right-hand side of a dense product x W^T: out[c * ldo + i] =
-// W[8*p0 + i, c] for i < 8*(p1-p0) (ldo >= 8*(p1-p0)); padding rows past R come out as zeros.
-template <typename T>
-void unpack_panels_t(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
-                     float* out, int64_t ldo, Isa isa = Isa::kAuto);
-
 // y[m, r] = sum_c x[m, c] W[r, c] (+ bias[r]) for output panels [p0, p1) and all M rows of x (fp32, leading
 // dimensions ldx and ldy). T is float or uint16_t (bf16). Single-threaded; callers split panels across threads.
 template <typename T>

@@ -55,10 +55,8 @@ def model_bytes(nodes, inits, inputs, outputs) -> bytes:
     return model.SerializeToString()
 
 
-def ort_models(rows: int, cols: int, copies: int, bf16: bool, dense_from: int | None = None,
-               tile_bytes: int | None = None) -> tuple[bytes, bytes]:
-    """(dense MatMul model, Sparse24MatMul model), each with `copies` layers reading the same x; `dense_from`
-    sets the operator's attribute (None: its default)."""
+def ort_models(rows: int, cols: int, copies: int, bf16: bool) -> tuple[bytes, bytes]:
+    """(dense MatMul model, Sparse24MatMul model), each with `copies` layers reading the same x."""
     from onnx import TensorProto, helper, numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", cols])
@@ -82,11 +80,8 @@ def ort_models(rows: int, cols: int, copies: int, bf16: bool, dense_from: int | 
         else:
             sparse_inits.append(numpy_helper.from_array(values.numpy(), f"w{i}.values"))
         sparse_inits.append(numpy_helper.from_array(masks.numpy(), f"w{i}.masks"))
-        extra = {} if dense_from is None else {"dense_from": dense_from}
-        if tile_bytes:
-            extra["tile_bytes"] = tile_bytes
         sparse_nodes.append(helper.make_node("Sparse24MatMul", ["x", f"w{i}.values", f"w{i}.masks"], [f"y{i}"],
-                                             domain="rose", rows=rows, cols=cols, **extra))
+                                             domain="rose", rows=rows, cols=cols))
     return (model_bytes(dense_nodes, dense_inits, [x], outs), model_bytes(sparse_nodes, sparse_inits, [x], outs))
 
 
@@ -108,20 +103,16 @@ def bench_ort(args, rows, cols, bf16) -> list[dict]:
     def options():
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
-        # sessions take turns here: a spinning idle pool of one would steal a core from the other
+        # the sessions take turns here: a spinning idle pool of one would steal a core from the other
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if args.spin else "0")
         return so
 
-    sessions = {}
-    for df in args.dense_from:  # one 2:4 session per dense_from value (None: the operator's default)
-        dense_model, sparse_model = ort_models(rows, cols, copies, bf16, df, args.tile_bytes)
-        if not sessions:
-            sessions["onnx-dense"] = ort.InferenceSession(dense_model, options(), providers=["CPUExecutionProvider"])
-        so = options()
-        so.register_custom_ops_library(str(library_path()))
-        name = "onnx-rose" if df is None else f"onnx-rose[dense_from={df}]"
-        sessions[name] = ort.InferenceSession(sparse_model, so, providers=["CPUExecutionProvider"])
-        del dense_model, sparse_model
+    dense_model, sparse_model = ort_models(rows, cols, copies, bf16)
+    sessions = {"onnx-dense": ort.InferenceSession(dense_model, options(), providers=["CPUExecutionProvider"])}
+    so = options()
+    so.register_custom_ops_library(str(library_path()))
+    sessions["onnx-rose"] = ort.InferenceSession(sparse_model, so, providers=["CPUExecutionProvider"])
+    del dense_model, sparse_model
     rows_out = []
     for M in args.tokens:
         x = np.random.default_rng(M).standard_normal((M, cols), dtype=np.float32)
@@ -210,13 +201,9 @@ def main() -> None:
     p.add_argument("--torch", action="store_true", help="also PyTorch: sparse24_linear against F.linear")
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--spin", action="store_true", help="let onnxruntime's idle pool threads spin (its default)")
-    p.add_argument("--tile-bytes", type=int, help="the operator's tile_bytes attribute (default: its own)")
-    p.add_argument("--dense-from", default="", help="comma-separated dense_from attributes, one 2:4 session each "
-                                                     "(default: the operator's own)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
-    args.dense_from = [int(v) for v in args.dense_from.split(",")] if args.dense_from else [None]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     import onnxruntime
