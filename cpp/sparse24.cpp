@@ -223,7 +223,7 @@ static void gemm_scalar(const T* values, const uint32_t* masks, int64_t rows, in
 #define ROSE24_AVX2 __attribute__((target("avx2,fma")))
 
 #ifndef ROSE24_BLOCKED_DEFAULT
-#define ROSE24_BLOCKED_DEFAULT 32
+#define ROSE24_BLOCKED_DEFAULT 48
 #endif
 #ifndef ROSE24_PREFETCH
 #define ROSE24_PREFETCH 48
