@@ -50,8 +50,8 @@ def session_options(threads: int | None = None) -> Any:
 def session(model: str | os.PathLike | bytes, threads: int | None = None, options: Any = None,
             providers: list | None = None) -> Any:
     """An `onnxruntime.InferenceSession` for `model` (a path, or the serialized model) on the CPU with rose's
-    operators registered. `options`: your own `SessionOptions` (the library is registered on it; `threads` still
-    applies when given)."""
+    operators registered. `options`: your own `SessionOptions`, without rose's library (this registers it; `threads`
+    still applies when given)."""
     import onnxruntime as ort
 
     if options is None:
@@ -71,7 +71,10 @@ def session(model: str | os.PathLike | bytes, threads: int | None = None, option
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # a bad packed weight fails here, with the node and the problem in the message
-        raise RoseRuntimeError(f"{what}: {_ort_message(exc)}") from exc
+        message = _ort_message(exc)
+        if "Domain already set in registry" in message:
+            message = "rose's operator library was registered twice on these SessionOptions: pass options without it"
+        raise RoseRuntimeError(f"{what}: {message}") from exc
 
 
 def _ort_message(exc: BaseException) -> str:

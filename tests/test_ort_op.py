@@ -231,6 +231,23 @@ def test_bad_inputs_fail_the_call():
         sess.run(None, {"x": np.zeros((3, 16), np.float32)})
 
 
+def test_session_with_own_options():
+    """runtime.ort.session registers the library on the caller's SessionOptions (thread count kept or set); options
+    that already carry it give one clear line instead of onnxruntime's registry message."""
+    W = random24(16, 8, 3)
+    values, masks = packed(W)
+    model_bytes = model(16, 8, values, masks)
+    x = np.ones((2, 8), np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    (y,) = rort.session(model_bytes, options=options).run(None, {"x": x})
+    assert rel(y, x.astype(np.float64) @ W.double().numpy().T) <= 1e-5
+    with pytest.raises(RoseRuntimeError, match="registered twice on these SessionOptions"):
+        rort.session(model_bytes, options=rort.session_options(threads=2))
+    with pytest.raises(RoseRuntimeError, match="threads must be at least 1"):
+        rort.session(model_bytes, threads=0)
+
+
 def test_library_path_says_how_to_build(monkeypatch, tmp_path):
     monkeypatch.setattr(rort, "LIBRARY", tmp_path / "librose_ort.so")
     with pytest.raises(RoseRuntimeError, match=r"is not built: run `make install`") as err:
