@@ -222,9 +222,6 @@ static void gemm_scalar(const T* values, const uint32_t* masks, int64_t rows, in
 #if ROSE24_X86
 #define ROSE24_AVX2 __attribute__((target("avx2,fma")))
 
-#ifndef ROSE24_BLOCKED_DEFAULT
-#define ROSE24_BLOCKED_DEFAULT 48
-#endif
 #ifndef ROSE24_PREFETCH
 #define ROSE24_PREFETCH 48
 #endif
@@ -660,8 +657,12 @@ static Isa resolve(Isa isa) {
   return isa;
 }
 
-// From this many tokens on, the AVX-512 path decodes blocks once (gemm_blocked_avx512); ROSE24_BLOCKED_FROM=N
-// moves it (read once per process; the tests force both ways).
+// From this many tokens on, the AVX-512 path decodes blocks once (gemm_blocked_avx512): below it the streaming
+// kernel won in the DRAM regime (8-32 tokens), above it the block path (64 on). ROSE24_BLOCKED_FROM=N moves it
+// (read once per process; the tests force both ways).
+#ifndef ROSE24_BLOCKED_DEFAULT
+#define ROSE24_BLOCKED_DEFAULT 48
+#endif
 int64_t blocked_from() {
   static const int64_t from = [] {
     const char* env = std::getenv("ROSE24_BLOCKED_FROM");
@@ -691,6 +692,7 @@ void gemm_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t c
 template <typename T>
 void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
                    T* out, int64_t ldo, Isa isa) {
+  static_cast<void>(isa);  // unused where only the scalar path exists
 #if ROSE24_X86
   if (resolve(isa) != Isa::kScalar) {
     unpack_avx2(values, masks, rows, cols, p0, p1, out, ldo);
