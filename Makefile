@@ -9,7 +9,8 @@ BIN     = $(VENV)/bin
 
 .PHONY: install demo test test-fast clean
 
-$(BIN)/rose-export: pyproject.toml cpp/sparse24.cpp cpp/sparse24.h cpp/torch_ops.cpp
+$(BIN)/rose-export: pyproject.toml cpp/sparse24.cpp cpp/sparse24.h cpp/torch_ops.cpp \
+                    cpp/ort_op.cpp cpp/ort_abi.h cpp/ort_op.map cpp/Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
@@ -26,6 +27,9 @@ $(BIN)/rose-export: pyproject.toml cpp/sparse24.cpp cpp/sparse24.h cpp/torch_ops
 	# rose's C++ 2:4 CPU kernel (cpp/), built once into the torch extensions cache; without a compiler rose
 	# warns once and runs the same operators in pure PyTorch
 	$(BIN)/python -c "from runtime.cpu24 import ensure_ops; print('C++ 2:4 kernel:', ensure_ops())"
+	# the same kernel as an onnxruntime custom-operator library, runtime/_lib/librose_ort.so (plain C++, no
+	# PyTorch; runtime/ort.py loads it); without a compiler only runtime.ort is missing
+	$(MAKE) -C cpp || echo "rose: the onnxruntime operator library was not built; runtime.ort needs it"
 	touch $@
 
 install: $(BIN)/rose-export
@@ -42,4 +46,4 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache runtime/_lib

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -142,6 +143,30 @@ int64_t pack_bitmask(const T* kept, const uint8_t* bitmask, int64_t rows, int64_
   return -1;
 }
 
+int64_t check_masks(const uint32_t* masks, int64_t rows, int64_t cols) {
+  const int64_t n = mask_count(rows, cols), G = groups(cols);
+  // Per-nibble popcounts in one word (SWAR): each nibble must count 2, so the word must be 0x22222222. A branch-free
+  // OR over blocks keeps the loop vectorisable; the rare bad block is then searched word by word.
+  const auto counts = [](uint32_t w) {
+    w = w - ((w >> 1) & 0x55555555u);
+    return (w & 0x33333333u) + ((w >> 2) & 0x33333333u);
+  };
+  constexpr int64_t kBlock = 1024;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    uint32_t bad = 0;
+    for (int64_t i = b; i < e; ++i) bad |= counts(masks[i]) ^ 0x22222222u;
+    if (!bad) continue;
+    for (int64_t i = b; i < e; ++i) {
+      const uint32_t diff = counts(masks[i]) ^ 0x22222222u;
+      if (!diff) continue;
+      const int r = __builtin_ctz(diff) / 4;  // first bad row of the panel
+      return ((i / G) * kPanel + r) * G + i % G;
+    }
+  }
+  return -1;
+}
+
 template <typename T>
 static void unpack_scalar(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0,
                           int64_t p1, T* out, int64_t ldo) {
@@ -196,6 +221,21 @@ static void gemm_scalar(const T* values, const uint32_t* masks, int64_t rows, in
 
 #if ROSE24_X86
 #define ROSE24_AVX2 __attribute__((target("avx2,fma")))
+
+#ifndef ROSE24_PREFETCH
+#define ROSE24_PREFETCH 48
+#endif
+// Software prefetch of one panel's stream, kPrefetch groups ahead. With a few tokens the FMAs fill the reorder
+// buffer and the hardware prefetchers (which stop at 4 KiB pages) keep too few lines in flight: one token ran at
+// full bandwidth but eight at half of it. A panel's values take one line per group (fp32) or per two (bf16).
+constexpr int64_t kPrefetch = ROSE24_PREFETCH;
+template <typename T>
+static inline void prefetch_ahead(const T* values, const uint32_t* masks, int64_t g, int64_t G) {
+  if (g + kPrefetch < G) {
+    _mm_prefetch(reinterpret_cast<const char*>(values + (g + kPrefetch) * 16), _MM_HINT_T0);
+    if ((g & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(masks + g + kPrefetch), _MM_HINT_T0);
+  }
+}
 
 ROSE24_AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 ROSE24_AVX2 static inline __m256 load8(const uint16_t* p) {
@@ -295,6 +335,7 @@ ROSE24_AVX2 static void panel_avx2(const T* values, const uint32_t* masks, int64
   for (int m = 0; m < MC; ++m)
     for (int a = 0; a < NA; ++a) acc[m][a] = zero;
   for (int64_t g = 0; g < G; ++g) {
+    prefetch_ahead(values, masks, g, G);
     __m256 w0, w1, w2, w3;
     decode_avx2(values + g * 16, masks[g], s0, w0, w1, w2, w3);
     const float* xg = x + 4 * g;
@@ -381,26 +422,42 @@ ROSE24_AVX512 static inline __m512 load16(const uint16_t* a, const uint16_t* b) 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// The bit of each lane's row in a panel's mask word, for column 0 (shift left by j for column j).
+ROSE24_AVX512 static inline __m512i lane_bits() {
+  return _mm512_setr_epi32(1 << 0, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28, 1 << 0, 1 << 4,
+                           1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28);
+}
+
+// Group g of panels (v0, k0) and (v1, k1) as four dense lane vectors w0..w3 (16 rows each, column 4g+j).
+template <typename T>
+ROSE24_AVX512 static inline void decode_pair(const T* v0, const T* v1, uint32_t k0, uint32_t k1, __m512i bit0,
+                                             __m512 w[4]) {
+  const __m512i word = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(k0)), 0xFF00,
+                                              static_cast<int>(k1));
+  const __mmask16 m0 = _mm512_test_epi32_mask(word, bit0);
+  const __mmask16 m1 = _mm512_test_epi32_mask(word, _mm512_slli_epi32(bit0, 1));
+  const __mmask16 m2 = _mm512_test_epi32_mask(word, _mm512_slli_epi32(bit0, 2));
+  const __mmask16 m3 = _mm512_test_epi32_mask(word, _mm512_slli_epi32(bit0, 3));
+  const __m512 va = load16(v0, v1), vb = load16(v0 + 8, v1 + 8);
+  w[0] = _mm512_maskz_mov_ps(m0, va);
+  w[1] = _mm512_maskz_mov_ps(m1, _mm512_mask_mov_ps(va, m0, vb));
+  w[2] = _mm512_maskz_mov_ps(m2, _mm512_mask_mov_ps(va, _kor_mask16(m0, m1), vb));
+  w[3] = _mm512_maskz_mov_ps(m3, vb);
+}
+
 template <int MC, int NA, typename T>
 ROSE24_AVX512 static void pair_avx512(const T* v0, const T* v1, const uint32_t* k0p, const uint32_t* k1p, int64_t G,
                                       const float* x, int64_t ldx, __m512 out[MC]) {
-  const __m512i bit0 = _mm512_setr_epi32(1 << 0, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28,
-                                         1 << 0, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28);
-  const __m512i bit1 = _mm512_slli_epi32(bit0, 1), bit2 = _mm512_slli_epi32(bit0, 2),
-                bit3 = _mm512_slli_epi32(bit0, 3);
+  const __m512i bit0 = lane_bits();
   __m512 acc[MC][NA];
   for (int m = 0; m < MC; ++m)
     for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const __m512i word = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(k0p[g])), 0xFF00,
-                                                static_cast<int>(k1p[g]));
-    const __mmask16 m0 = _mm512_test_epi32_mask(word, bit0), m1 = _mm512_test_epi32_mask(word, bit1);
-    const __mmask16 m2 = _mm512_test_epi32_mask(word, bit2), m3 = _mm512_test_epi32_mask(word, bit3);
-    const __m512 va = load16(v0 + g * 16, v1 + g * 16), vb = load16(v0 + g * 16 + 8, v1 + g * 16 + 8);
-    const __m512 w0 = _mm512_maskz_mov_ps(m0, va);
-    const __m512 w1 = _mm512_maskz_mov_ps(m1, _mm512_mask_mov_ps(va, m0, vb));
-    const __m512 w2 = _mm512_maskz_mov_ps(m2, _mm512_mask_mov_ps(va, _kor_mask16(m0, m1), vb));
-    const __m512 w3 = _mm512_maskz_mov_ps(m3, vb);
+    prefetch_ahead(v0, k0p, g, G);
+    prefetch_ahead(v1, k1p, g, G);
+    __m512 w[4];
+    decode_pair(v0 + g * 16, v1 + g * 16, k0p[g], k1p[g], bit0, w);
+    const __m512 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
     const float* xg = x + 4 * g;
     for (int m = 0; m < MC; ++m) {
       const float* xm = xg + m * ldx;
@@ -457,6 +514,98 @@ ROSE24_AVX512 static void gemm_avx512(const T* values, const uint32_t* masks, in
   }
   if (p < p1) gemm_avx2(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p, p1);
 }
+
+// ---- many tokens, AVX-512: decode a block once, then a dense micro-kernel --------------------------------------
+// The kernel above decodes each group again for every 8 tokens; once the product is bound by arithmetic that
+// decoding costs a fifth or more of its time. Here a block of kBlockPanels panels x kBlockGroups groups is decoded
+// once into a tile (fp32, per column the 32 rows of four panels) and multiplied with every token, kTileTokens at a
+// time, by a micro-kernel that only loads and multiplies (24 accumulators: 12 tokens x 32 rows); partial sums go
+// through Y between column blocks. The tile is per call and small (128 KiB): the dense weight never exists.
+constexpr int64_t kBlockGroups = 64;  // 256 columns; kBlockPanels (sparse24.h): 128 rows
+constexpr int kTileTokens = 12;
+constexpr int64_t kTileFloats = kBlockPanels * 8 * kBlockGroups * 4;
+
+template <int MR>
+ROSE24_AVX512 static void micro_avx512(const float* tile, int64_t kc, const float* x, int64_t ldx, float* y,
+                                       int64_t ldy, __mmask16 keep0, __mmask16 keep1, bool first,
+                                       const float* bias) {
+  __m512 acc[MR][2];
+  for (int t = 0; t < MR; ++t) {
+    if (first) {
+      acc[t][0] = bias ? _mm512_maskz_loadu_ps(keep0, bias) : _mm512_setzero_ps();
+      acc[t][1] = bias ? _mm512_maskz_loadu_ps(keep1, bias + 16) : _mm512_setzero_ps();
+    } else {
+      acc[t][0] = _mm512_maskz_loadu_ps(keep0, y + t * ldy);
+      acc[t][1] = _mm512_maskz_loadu_ps(keep1, y + t * ldy + 16);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(tile + k * 32), b1 = _mm512_load_ps(tile + k * 32 + 16);
+    for (int t = 0; t < MR; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t * ldx + k]);
+      acc[t][0] = _mm512_fmadd_ps(b0, xb, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(b1, xb, acc[t][1]);
+    }
+  }
+  for (int t = 0; t < MR; ++t) {
+    _mm512_mask_storeu_ps(y + t * ldy, keep0, acc[t][0]);
+    _mm512_mask_storeu_ps(y + t * ldy + 16, keep1, acc[t][1]);
+  }
+}
+
+template <typename T>
+ROSE24_AVX512 static void gemm_blocked_avx512(const T* values, const uint32_t* masks, int64_t rows, int64_t cols,
+                                              const float* x, int64_t M, int64_t ldx, const float* bias, float* y,
+                                              int64_t ldy, int64_t p0, int64_t p1) {
+  const int64_t G = groups(cols), pend = p0 + ((p1 - p0) & ~int64_t{1});  // pairs here, an odd last panel below
+  const __m512i bit0 = lane_bits();
+  std::unique_ptr<float[], void (*)(void*)> owned(static_cast<float*>(std::aligned_alloc(64, kTileFloats * 4)),
+                                                  &std::free);
+  float* tile = owned.get();  // [micro-tile of 4 panels][column][32 rows]
+  for (int64_t pb = p0; pb < pend; pb += kBlockPanels) {
+    const int64_t pe = std::min(pend, pb + kBlockPanels), tiles = (pe - pb + 3) / 4;
+    for (int64_t g0 = 0; g0 < G; g0 += kBlockGroups) {
+      const int64_t ng = std::min(kBlockGroups, G - g0), kc = 4 * ng;
+      for (int64_t p = pb; p < pe; p += 2) {
+        const T* v0 = values + p * G * 16;
+        const uint32_t* k0 = masks + p * G;
+        float* out = tile + ((p - pb) / 4) * kc * 32 + ((p - pb) % 4) * 8;
+        for (int64_t g = g0; g < g0 + ng; ++g) {
+          prefetch_ahead(v0, k0, g, G);
+          prefetch_ahead(v0 + G * 16, k0 + G, g, G);
+          __m512 w[4];
+          decode_pair(v0 + g * 16, v0 + G * 16 + g * 16, k0[g], k0[G + g], bit0, w);
+          for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + (4 * (g - g0) + j) * 32, w[j]);
+        }
+      }
+      if ((pe - pb) % 4)  // the last micro-tile holds one pair: its upper 16 lanes multiply zeros
+        for (int64_t k = 0; k < kc; ++k)
+          _mm512_storeu_ps(tile + (tiles - 1) * kc * 32 + k * 32 + 16, _mm512_setzero_ps());
+      for (int64_t m0 = 0; m0 < M; m0 += kTileTokens) {
+        const int mr = static_cast<int>(std::min<int64_t>(kTileTokens, M - m0));
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t row0 = (pb + 4 * t) * kPanel;
+          const int64_t live = std::min<int64_t>(std::min<int64_t>(32, (pe - pb - 4 * t) * kPanel), rows - row0);
+          const __mmask16 keep0 = static_cast<__mmask16>(live >= 16 ? 0xFFFF : (1u << live) - 1u);
+          const __mmask16 keep1 = static_cast<__mmask16>(live <= 16 ? 0 : live >= 32 ? 0xFFFF : (1u << (live - 16)) - 1u);
+          const float* xt = x + m0 * ldx + 4 * g0;
+          float* yt = y + m0 * ldy + row0;
+          const float* bt = bias ? bias + row0 : nullptr;
+          const float* tt = tile + t * kc * 32;
+          switch (mr) {
+#define ROSE24_MICRO(n) \
+  case n: micro_avx512<n>(tt, kc, xt, ldx, yt, ldy, keep0, keep1, g0 == 0, bt); break;
+            ROSE24_MICRO(1) ROSE24_MICRO(2) ROSE24_MICRO(3) ROSE24_MICRO(4) ROSE24_MICRO(5) ROSE24_MICRO(6)
+            ROSE24_MICRO(7) ROSE24_MICRO(8) ROSE24_MICRO(9) ROSE24_MICRO(10) ROSE24_MICRO(11)
+            default: micro_avx512<12>(tt, kc, xt, ldx, yt, ldy, keep0, keep1, g0 == 0, bt);
+#undef ROSE24_MICRO
+          }
+        }
+      }
+    }
+  }
+  if (pend < p1) gemm_avx2(values, masks, rows, cols, x, M, ldx, bias, y, ldy, pend, p1);
+}
 #endif
 
 // ---- dispatch ------------------------------------------------------------------------------------------------
@@ -508,13 +657,32 @@ static Isa resolve(Isa isa) {
   return isa;
 }
 
+// From this many tokens on, the AVX-512 path decodes blocks once (gemm_blocked_avx512): below it the streaming
+// kernel won in the DRAM regime (8-32 tokens), above it the block path (64 on). ROSE24_BLOCKED_FROM=N moves it
+// (read once per process; the tests force both ways).
+#ifndef ROSE24_BLOCKED_DEFAULT
+#define ROSE24_BLOCKED_DEFAULT 48
+#endif
+int64_t blocked_from() {
+  static const int64_t from = [] {
+    const char* env = std::getenv("ROSE24_BLOCKED_FROM");
+    return env && *env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{ROSE24_BLOCKED_DEFAULT};
+  }();
+  return from;
+}
+
 template <typename T>
 void gemm_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
                  int64_t ldx, const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1, Isa isa) {
   if (p0 < 0 || p1 > panels(rows) || p0 >= p1) return;  // nothing to do, never out of bounds
   switch (resolve(isa)) {
 #if ROSE24_X86
-    case Isa::kAvx512: gemm_avx512(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1); return;
+    case Isa::kAvx512:
+      if (M >= blocked_from())
+        gemm_blocked_avx512(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1);
+      else
+        gemm_avx512(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1);
+      return;
     case Isa::kAvx2: gemm_avx2(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1); return;
 #endif
     default: gemm_scalar(values, masks, rows, cols, x, M, ldx, bias, y, ldy, p0, p1);
@@ -524,6 +692,7 @@ void gemm_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t c
 template <typename T>
 void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
                    T* out, int64_t ldo, Isa isa) {
+  static_cast<void>(isa);  // unused where only the scalar path exists
 #if ROSE24_X86
   if (resolve(isa) != Isa::kScalar) {
     unpack_avx2(values, masks, rows, cols, p0, p1, out, ldo);

@@ -45,6 +45,12 @@ int64_t pack_dense(const uint16_t* W, int64_t rows, int64_t cols, int64_t ldw, u
 template <typename T>
 int64_t pack_bitmask(const T* kept, const uint8_t* bitmask, int64_t rows, int64_t cols, T* values, uint32_t* masks);
 
+// Check packed masks (as read from a file or another runtime): every row's nibble in every group, padding rows
+// included, must have exactly two bits set. Returns -1 if they do, else the flat index row * (C/4) + group of the
+// first bad nibble in panel order (a row >= R is a padding row). A bad nibble never makes the kernels read out of
+// bounds, but it would give a wrong product: callers that take masks from outside check them once.
+int64_t check_masks(const uint32_t* masks, int64_t rows, int64_t cols);
+
 // The dense rows [8*p0, min(8*p1, R)) as a row-major (rows x C) block at out (leading dimension ldo).
 template <typename T>
 void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, int64_t p0, int64_t p1,
@@ -55,6 +61,12 @@ void unpack_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t
 template <typename T>
 void gemm_panels(const T* values, const uint32_t* masks, int64_t rows, int64_t cols, const float* x, int64_t M,
                  int64_t ldx, const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1, Isa isa);
+
+// From this many rows of x on, the AVX-512 path decodes blocks of 16 panels once and reuses them for every row
+// (callers splitting panels across threads should then hand out multiples of 16 panels). ROSE24_BLOCKED_FROM=N
+// in the environment moves it (read once per process).
+int64_t blocked_from();
+constexpr int64_t kBlockPanels = 16;
 
 // Convenience: the whole product with `threads` std::threads (the PyTorch binding uses its own thread pool).
 template <typename T>

@@ -96,6 +96,9 @@ static void test_case(int64_t rows, int64_t cols, int64_t M, bool with_bias, std
           (long long)cols);
   }
 
+  CHECK(check_masks(masks.data(), rows, cols) == -1, "check_masks rejected packed masks (%lldx%lld)",
+        (long long)rows, (long long)cols);
+
   // packing from the packed24 export's (kept values, bitmask) gives the same bytes
   const int64_t mb = (cols + 7) / 8;
   std::vector<float> kept(rows * cols / 2);
@@ -155,12 +158,30 @@ static void test_errors(std::mt19937& rng) {
   bitmask[2 * 2 + 1] = 0x37;  // row 2, group 2: three bits
   CHECK(pack_bitmask(kept.data(), bitmask.data(), 9, 12, values.data(), masks.data()) == 2 * 3 + 2,
         "a bitmask nibble with three bits was accepted");
+
+  // check_masks: the first bad nibble in panel order, padding rows included
+  W = random24(9, 12, rng);
+  CHECK(pack_dense(W.data(), 9, 12, 12, values.data(), masks.data()) == -1, "pack rejected a 2:4 matrix");
+  CHECK(check_masks(masks.data(), 9, 12) == -1, "check_masks rejected good masks");
+  std::vector<uint32_t> bad(masks);
+  bad[1 * 3 + 2] ^= 1u << 4 * 0;  // panel 1 (row 8), group 2: one bit flipped
+  CHECK(check_masks(bad.data(), 9, 12) == 8 * 3 + 2, "a flipped bit in row 8 was not found");
+  bad[0 * 3 + 1] &= ~(0xfu << 4 * 6);  // panel 0, row 6, group 1: no bits at all
+  CHECK(check_masks(bad.data(), 9, 12) == 6 * 3 + 1, "an empty nibble in row 6 was not the first reported");
+  bad = masks;
+  bad[1 * 3 + 0] |= 0xfu << 4 * 7;  // row 15: a padding row of the last panel
+  CHECK(check_masks(bad.data(), 9, 12) == 15 * 3 + 0, "a bad padding-row nibble was not found");
+  std::vector<uint32_t> many(mask_count(8, 4 * 3000), 0x33333333u);  // several blocks; the bad word in a late one
+  CHECK(check_masks(many.data(), 8, 4 * 3000) == -1, "check_masks rejected good masks (several blocks)");
+  many[2500] = 0x33333330u;
+  CHECK(check_masks(many.data(), 8, 4 * 3000) == 2500, "a bad nibble in a late block was not found");
 }
 
 int main() {
   std::mt19937 rng(1234);
   std::printf("isa: %s\n", isa_name(best_isa()));
-  const int64_t shapes[][2] = {{1, 4}, {8, 8}, {9, 12}, {17, 36}, {31, 100}, {64, 64}, {70, 260}};
+  // {203, 520}: several blocks of rows and columns in the many-token AVX-512 path, the last ones partial
+  const int64_t shapes[][2] = {{1, 4}, {8, 8}, {9, 12}, {17, 36}, {31, 100}, {64, 64}, {70, 260}, {203, 520}};
   for (const auto& s : shapes)
     for (int64_t M : {1, 2, 3, 5, 6, 7, 13, 33}) test_case(s[0], s[1], M, (M % 2) == 1, rng);
   std::uniform_int_distribution<int> rr(1, 80), cc(1, 70), mm(1, 33);
