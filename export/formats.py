@@ -179,6 +179,27 @@ def _onnx_packed24(ctx: ExportContext, out: Path) -> Written:
                    parity={**result, "identical_to_onnx": True}, skipped=skipped)
 
 
+def _onnx_sparse24(ctx: ExportContext, out: Path) -> Written:
+    from . import verify
+    from .onnx_export import MODEL_FILE
+    from .onnx_sparse24 import LIBRARY, write_sparse24_onnx
+
+    dense = ctx.dense_onnx()
+    bad = not_24(ctx.src)
+    info = write_sparse24_onnx(dense["dir"], out, {w: w[: -len(".weight")] not in bad for w in dense["weights"]})
+    skipped = info.pop("skipped")
+    result, traces = verify.onnx_parity(out / MODEL_FILE, dense["reference"], dense["ids"], dense["cache"],
+                                        custom_ops=out / LIBRARY)
+    same = verify.compare(dense["traces"], traces)
+    if not same["greedy_identical"]:
+        raise RoseError("onnx-sparse24 chose other greedy tokens than onnx: please report this")
+    copy_aux(ctx.src.path, out)
+    info.update(write_genai_config(out, session_options={"custom_ops_library": LIBRARY}))
+    sizes = {d: sum(f.stat().st_size for f in d.glob(f"{MODEL_FILE}*")) for d in (dense["dir"], out)}
+    return Written({**dense["info"], **info, "size_ratio_to_onnx": round(sizes[out] / sizes[dense["dir"]], 4)},
+                   parity={**result, "max_abs_logits_vs_onnx": same["max_abs_logits"]}, skipped=skipped)
+
+
 register(Format("hf", _hf, False, "transformers `from_pretrained`",
                 "the pruned model, `save_pretrained` (safetensors, zeros kept) + `rose_recipe.json`"))
 register(Format("packed24", _packed24, True, "`runtime.load_packed24` (dense), `runtime.load_packed24_cpu` (C++ "
@@ -190,3 +211,6 @@ register(Format("onnx", _onnx, False, "onnxruntime, onnxruntime-genai (`genai_co
                 "the causal LM with KV cache (opset 18, `torch.onnx` dynamo exporter), every zero kept"))
 register(Format("onnx-packed24", _onnx_packed24, True, "onnxruntime, onnxruntime-genai (`genai_config.json`)",
                 "the same graph with 2:4 weights stored packed and rebuilt by standard ops folded at load"))
+register(Format("onnx-sparse24", _onnx_sparse24, True,
+                "onnxruntime with rose's operator library (in the directory; `runtime.ort.session`), onnxruntime-genai",
+                "the graph with every 2:4 linear run by rose's operator `rose.Sparse24MatMul` on packed weights"))

@@ -49,12 +49,15 @@ def torch_greedy(model, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> Trac
     return trace
 
 
-def session(path: Path, optimized: Path | None = None):
-    """An onnxruntime session on the CPU execution provider (fp32, the reference for parity)."""
+def session(path: Path, optimized: Path | None = None, custom_ops: Path | None = None):
+    """An onnxruntime session on the CPU execution provider (fp32, the reference for parity); `custom_ops`: a
+    custom-operator library to register (onnx-sparse24's)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if custom_ops is not None:
+        options.register_custom_ops_library(str(custom_ops))
     if optimized is not None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(optimized)
@@ -92,10 +95,10 @@ def compare(a: list[Trace], b: list[Trace]) -> dict:
     return {"max_abs_logits": diff, "greedy_identical": same}
 
 
-def onnx_parity(path: Path, reference: list[Trace], ids: list[torch.Tensor], cache: tuple[int, int, int]) -> tuple[
-        dict, list[Trace]]:
+def onnx_parity(path: Path, reference: list[Trace], ids: list[torch.Tensor], cache: tuple[int, int, int],
+                custom_ops: Path | None = None) -> tuple[dict, list[Trace]]:
     """onnxruntime on `path` against the torch traces; raises when outside the tolerance."""
-    sess = session(path)
+    sess = session(path, custom_ops=custom_ops)
     traces = [ort_greedy(sess, i, *cache, new_tokens=len(ref.tokens)) for i, ref in zip(ids, reference)]
     result = {"prompts": len(ids), "new_tokens": len(reference[0].tokens), "tolerance": LOGITS_ATOL,
               **compare(reference, traces)}

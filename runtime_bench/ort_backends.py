@@ -34,10 +34,17 @@ def _available(provider: str) -> Callable[[], str | None]:
     return check
 
 
-def ort_session(model: bytes | Path, provider: str, threads: int):
+def ort_session(model: bytes | Path, provider: str, threads: int, custom_ops: bool = False):
+    """A session for timing (spinning off, `threads` intra-op threads); `custom_ops` registers rose's operator
+    library (runtime.ort)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    if custom_ops:
+        from runtime.ort import session_options
+
+        options = session_options(threads)
+    else:
+        options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     # onnxruntime's idle threads spin after every run by default; interleaved with other backends on the same
@@ -49,21 +56,31 @@ def ort_session(model: bytes | Path, provider: str, threads: int):
     return sess
 
 
-def linear_onnx(W: torch.Tensor, dtype: torch.dtype, packed: bool) -> bytes | str:
-    """y = x W^T as an ONNX model (weight transposed by a node, as the exporter writes it); a str says why not."""
+def linear_onnx(W: torch.Tensor, dtype: torch.dtype, fmt: str = "onnx") -> bytes | str:
+    """y = x W^T as an ONNX model laid out as the export `fmt` writes it (onnx: the weight transposed by a node;
+    onnx-packed24: rebuilt by standard ops; onnx-sparse24: one rose.Sparse24MatMul node); a str says why not."""
     from onnx import TensorProto, helper, numpy_helper
 
     from export.onnx_packed import SHIFTS, THREE, pack_indices, unpack_nodes
+    from export.onnx_sparse24 import DOMAIN, OP, OPSET as ROSE_OPSET, pack_panels
 
     if dtype not in ONNX_DTYPES:
         return f"onnxruntime's Python API has no {dtype} arrays (numpy lacks it)"
     rows, cols = W.shape
-    if packed and cols % 8:
+    if fmt == "onnx-packed24" and cols % 8:
         return f"onnx-packed24 needs a width that is a multiple of 8, got {cols}"
+    if fmt == "onnx-sparse24" and dtype != torch.float32:
+        return "rose's onnxruntime operator takes float32 activations"
     kind = getattr(TensorProto, ONNX_DTYPES[dtype])
     Wn = W.to(dtype).numpy()
     nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Wt"], ["y"])]
-    if packed:
+    opsets = [helper.make_opsetid("", OPSET)]
+    if fmt == "onnx-sparse24":
+        values, masks = pack_panels(Wn)
+        nodes = [helper.make_node(OP, ["x", "W.values", "W.masks"], ["y"], domain=DOMAIN, rows=rows, cols=cols)]
+        inits = [numpy_helper.from_array(values, "W.values"), numpy_helper.from_array(masks, "W.masks")]
+        opsets.append(helper.make_opsetid(DOMAIN, ROSE_OPSET))
+    elif fmt == "onnx-packed24":
         values, indices = pack_indices(Wn)
         unpack, inits = unpack_nodes("W", "0", rows, cols, kind)
         nodes = unpack + nodes
@@ -74,7 +91,7 @@ def linear_onnx(W: torch.Tensor, dtype: torch.dtype, packed: bool) -> bytes | st
         inits = [numpy_helper.from_array(Wn, "W")]
     graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", kind, ["tokens", cols])],
                               [helper.make_tensor_value_info("y", kind, ["tokens", rows])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
     return model.SerializeToString()
 
 
@@ -161,7 +178,7 @@ class OrtRunner:
         return torch.from_numpy(np.concatenate(tokens, axis=1))
 
 
-def ort_model(provider: str, fmt: str):
+def ort_model(provider: str, fmt: str, custom_ops: bool = False):
     def build(source, dtype: torch.dtype, threads: int) -> OrtRunner:
         from export.onnx_export import MODEL_FILE
 
@@ -171,30 +188,57 @@ def ort_model(provider: str, fmt: str):
         if path is None or not path.is_file():
             raise Unsupported(f"no {fmt}/ export to run: pass --pruned with a prune-and-export output that has it")
         info = source.manifest["formats"][fmt]
-        sess = ort_session(path, provider, threads)
-        dense = [f for f in (source.export / "onnx").glob(f"{MODEL_FILE}*")]  # what the packed graph folds back to
-        held = sum(f.stat().st_size for f in dense) if dense else None
+        sess = ort_session(path, provider, threads, custom_ops)
+        if fmt == "onnx-packed24":  # what the session holds once the unpack subgraphs are folded: the dense graph
+            dense = [f for f in (source.export / "onnx").glob(f"{MODEL_FILE}*")]
+            held = sum(f.stat().st_size for f in dense) if dense else None
+        else:
+            held = sum(f.stat().st_size for f in path.parent.glob(f"{MODEL_FILE}*"))
         return OrtRunner(sess, provider, info["layers"], info["kv_heads"], info["head_dim"], info["bytes"], held)
     return build
 
 
-def _linear(provider: str, packed: bool) -> Callable[[torch.Tensor, torch.dtype, int], LinearOp]:
+def _linear(provider: str, fmt: str) -> Callable[[torch.Tensor, torch.dtype, int], LinearOp]:
     def build(W: torch.Tensor, dtype: torch.dtype, threads: int) -> LinearOp:
-        graph = linear_onnx(W, dtype, packed)
+        graph = linear_onnx(W, dtype, fmt)
         if isinstance(graph, str):
             raise Unsupported(graph)
-        sess = ort_session(graph, provider, threads)
+        sess = ort_session(graph, provider, threads, custom_ops=fmt == "onnx-sparse24")
         fn, to_input, to_output = ort_linear_io(sess, provider, dtype)
-        return LinearOp(fn=fn, to_input=to_input, to_output=to_output, weight_bytes=W.numel() * elem(dtype),
-                        file_bytes=len(graph))
+        held = _initializer_bytes(graph) if fmt == "onnx-sparse24" else W.numel() * elem(dtype)
+        return LinearOp(fn=fn, to_input=to_input, to_output=to_output, weight_bytes=held, file_bytes=len(graph))
     return build
 
 
-register(Backend("onnx-cpu", "cpu", False, None, _available(CPU_EP), _linear(CPU_EP, False),
+def _initializer_bytes(graph: bytes) -> int:
+    """Bytes of the tensors a one-node graph holds (the packed weight: values and masks)."""
+    import onnx
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(i).nbytes for i in onnx.load_from_string(graph).graph.initializer)
+
+
+def _sparse24_available() -> str | None:
+    if reason := _available(CPU_EP)():
+        return reason
+    from runtime.errors import RoseRuntimeError
+    from runtime.ort import library_path
+
+    try:
+        library_path()
+    except RoseRuntimeError as exc:
+        return str(exc)
+    return None
+
+
+register(Backend("onnx-cpu", "cpu", False, None, _available(CPU_EP), _linear(CPU_EP, "onnx"),
                  ort_model(CPU_EP, "onnx"), "onnxruntime CPU EP on the dense onnx export"))
-register(Backend("onnx-packed24-cpu", "cpu", True, "onnx-cpu", _available(CPU_EP), _linear(CPU_EP, True),
+register(Backend("onnx-packed24-cpu", "cpu", True, "onnx-cpu", _available(CPU_EP), _linear(CPU_EP, "onnx-packed24"),
                  ort_model(CPU_EP, "onnx-packed24"), "onnxruntime CPU EP on onnx-packed24 (unpacked at load)"))
-register(Backend("onnx-cuda", "cuda", False, None, _available(CUDA_EP), _linear(CUDA_EP, False),
+register(Backend("onnx-sparse24-cpu", "cpu", True, "onnx-cpu", _sparse24_available, _linear(CPU_EP, "onnx-sparse24"),
+                 ort_model(CPU_EP, "onnx-sparse24", custom_ops=True),
+                 "onnxruntime CPU EP on onnx-sparse24: rose's operator (cpp/) on packed weights"))
+register(Backend("onnx-cuda", "cuda", False, None, _available(CUDA_EP), _linear(CUDA_EP, "onnx"),
                  ort_model(CUDA_EP, "onnx"), "onnxruntime CUDA EP on the dense onnx export"))
-register(Backend("onnx-packed24-cuda", "cuda", True, "onnx-cuda", _available(CUDA_EP), _linear(CUDA_EP, True),
+register(Backend("onnx-packed24-cuda", "cuda", True, "onnx-cuda", _available(CUDA_EP), _linear(CUDA_EP, "onnx-packed24"),
                  ort_model(CUDA_EP, "onnx-packed24"), "onnxruntime CUDA EP on onnx-packed24"))

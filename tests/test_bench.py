@@ -9,7 +9,8 @@ import torch
 
 from conftest import make_pruned, one_line_error, run_cli as run
 
-CPU_BACKENDS = ["torch-cpu", "cpp", "onnx-cpu", "onnx-packed24-cpu"]
+CPU_BACKENDS = ["torch-cpu", "cpp", "onnx-cpu", "onnx-packed24-cpu", "onnx-sparse24-cpu"]
+GENAI_BACKENDS = ["genai-cpu", "genai-sparse24-cpu"]  # model benchmark only
 CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda"]
 STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cpu_model"]
 FAST = ["--iters", "2", "--warmup", "1"]
@@ -25,7 +26,8 @@ def export_dir(tmp_path_factory) -> Path:
     """A tiny LLaMA pruned 2:4 by magnitude and exported as hf, onnx and onnx-packed24."""
     root = tmp_path_factory.mktemp("bench")
     pruned = make_pruned(root, "2:4", hidden=64)
-    ok(run("export", "--pruned", pruned, "--out", root / "exp", "--formats", "hf,onnx,onnx-packed24", "-q"))
+    ok(run("export", "--pruned", pruned, "--out", root / "exp", "--formats", "hf,onnx,onnx-packed24,onnx-sparse24",
+           "-q"))
     return root / "exp"
 
 
@@ -67,13 +69,16 @@ def test_linear_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
             assert r["median_ms"] > 0 and r["iqr_ms"] >= 0 and len(r["times_ms"]) == 2
             dense_bytes = 128 * 64 * 4
             assert r["error"] <= r["tolerance"] == 1e-5
-            assert r["weight_bytes"] == (dense_bytes * 17 // 32 if name == "cpp" else dense_bytes)  # 2.125 of 4 bytes
+            # rose's kernel, in PyTorch and in onnxruntime, holds 2.125 of every 4 bytes
+            packed = name in ("cpp", "onnx-sparse24-cpu")
+            assert r["weight_bytes"] == (dense_bytes * 17 // 32 if packed else dense_bytes), name
             assert all(k in r for k in STAMP) and r["device_name"] == doc["environment"]["cpu_model"]
         one = next(r for r in recs[name] if r["tokens"] == 1)
         assert one["weight_gbs"] > 0 and one["copy_gbs"] > 0
-    packed = recs["onnx-packed24-cpu"][0]
-    assert packed["baseline"] == "onnx-cpu" and packed["median_ms_ratio"] > 0
-    assert packed["weight_file_bytes"] < recs["onnx-cpu"][0]["weight_file_bytes"]
+    for name in ("onnx-packed24-cpu", "onnx-sparse24-cpu"):
+        packed = recs[name][0]
+        assert packed["baseline"] == "onnx-cpu" and packed["median_ms_ratio"] > 0
+        assert packed["weight_file_bytes"] < recs["onnx-cpu"][0]["weight_file_bytes"]
     assert (out / "speedup_128x64.png").is_file() and (out / "latency_fp32.png").is_file()
     assert "dense/sparse" in (out / "results.md").read_text()
 
@@ -138,10 +143,11 @@ def test_model_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
     ok(run("bench", "model", "--pruned", export_dir, "--prompt-lens", "3,5", "--batch", "1,2", "--decode-tokens",
            "2", "--threads", "1", *FAST, "--out", out))
     doc = results(out)
-    assert doc["benchmark"] == "model" and set(doc["formats_bytes"]) == {"hf", "onnx", "onnx-packed24"}
+    assert doc["benchmark"] == "model"
+    assert set(doc["formats_bytes"]) == {"hf", "onnx", "onnx-packed24", "onnx-sparse24"}
     assert_skipped_cuda(doc)
     recs = by_backend(doc["records"])
-    for name in CPU_BACKENDS:
+    for name in CPU_BACKENDS + (GENAI_BACKENDS if not doc["skipped"].get("genai-cpu") else []):
         assert sorted((r["batch"], r["tokens"]) for r in recs[name]) == [(1, 3), (1, 5), (2, 3), (2, 5)]
         for r in recs[name]:
             assert r["status"] == "ok" and r["dtype"] == "fp32" and r["decode_tokens"] == 2
@@ -150,8 +156,10 @@ def test_model_every_cpu_backend_runs_and_reports(export_dir, tmp_path):
                         "median_ms", "iqr_ms", "weight_bytes", "peak_rss_bytes"):
                 assert r[key] is not None and r[key] >= 0, key
             assert all(k in r for k in STAMP)
-    for r in recs["onnx-packed24-cpu"]:
-        assert r["baseline"] == "onnx-cpu" and r["prefill_ms_ratio"] > 0 and r["decode_tokens_per_s_ratio"] > 0
+    for name in ("onnx-packed24-cpu", "onnx-sparse24-cpu"):
+        for r in recs[name]:
+            assert r["baseline"] == "onnx-cpu" and r["prefill_ms_ratio"] > 0 and r["decode_tokens_per_s_ratio"] > 0
+            assert r["greedy_same_as_dense"]
     for dense, sparse in zip(recs["torch-cpu"], recs["cpp"]):
         assert sparse["baseline"] == "torch-cpu" and sparse["decode_tokens_per_s_ratio"] > 0
         assert dense["greedy_same_as_dense"] and sparse["greedy_same_as_dense"]

@@ -14,7 +14,7 @@ from rose.errors import RoseError
 
 from conftest import VALID, char_tokenizer, make_pruned, one_line_error, run_cli as run, tiny_model
 
-FORMATS = ["hf", "packed24", "semi-structured", "onnx", "onnx-packed24"]
+FORMATS = ["hf", "packed24", "semi-structured", "onnx", "onnx-packed24", "onnx-sparse24"]
 HIDDEN = 128  # weights must outweigh the graph for the onnx-packed24 size bound to mean anything
 
 
@@ -509,3 +509,46 @@ def test_prune_and_export_embedded_model(tmp_path):
     assert manifest["formats"]["onnx-packed24"]["size_ratio_to_onnx"] < 0.65
     print(json.dumps({"sizes": sizes, "parity": manifest["parity"],
                       "seconds": {f: i.get("seconds") for f, i in manifest["formats"].items()}}, indent=1))
+
+
+# ---- onnx-sparse24 -------------------------------------------------------------------------------------------
+
+def test_pack_panels_is_the_kernels_layout():
+    """The export's numpy packer writes exactly what the C++ core packs (fp32; odd rows, -0.0, sparser groups)."""
+    from conftest import random24
+    from export.onnx_sparse24 import pack_panels
+    from runtime import cpu24
+
+    cpu24.ensure_ops()
+    for rows, cols in [(1, 4), (9, 12), (37, 100), (64, 128)]:
+        W = random24(rows, cols, rows)
+        W[0, :4] = torch.tensor([0.0, -0.0, 0.0, 0.0])
+        values, masks = pack_panels(W.numpy())
+        want_v, want_m = torch.ops.rose.sparse24_pack(W)
+        assert np.array_equal(values.view(np.int32), want_v.numpy().view(np.int32))
+        assert np.array_equal(masks, want_m.numpy())
+
+
+@pytest.mark.slow
+def test_onnx_sparse24_runs_roses_operator_on_packed_weights(exported, pruned24):
+    import onnx
+
+    out, manifest = exported
+    d = out / "onnx-sparse24"
+    graph = onnx.load(str(d / "model.onnx")).graph
+    ops = [n for n in graph.node if n.domain == "rose"]
+    assert len(ops) == 14 and {n.op_type for n in ops} == {"Sparse24MatMul"}
+    names = {i.name for i in graph.initializer}
+    assert not any(n.endswith("proj.weight") for n in names) and "lm_head.weight" in names  # tied embedding: dense
+    info, parity = manifest["formats"]["onnx-sparse24"], manifest["parity"]["onnx-sparse24"]
+    assert info["sparse24_weights"] == 14 and manifest["skipped"]["onnx-sparse24"] == {}
+    assert (d / info["custom_ops_library"]).is_file() and (d / "genai_config.json").is_file()
+    assert parity["greedy_identical"] and parity["max_abs_logits"] <= 1e-4 and parity["max_abs_logits_vs_onnx"] <= 1e-4
+    assert info["size_ratio_to_onnx"] < 0.65
+
+
+def test_onnx_sparse24_without_the_operator_library_is_one_line(pruned24, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROSE_ORT_LIBRARY", str(tmp_path / "librose_ort.so"))
+    r = run("export", "--pruned", pruned24, "--out", tmp_path / "out", "--formats", "onnx-sparse24", "-q")
+    one_line_error(r, "needs rose's onnxruntime operator library")
+    assert not (tmp_path / "out").exists()

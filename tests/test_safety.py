@@ -383,8 +383,8 @@ def test_inputs_are_checked_before_the_model_is_loaded(pruned, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_onnxruntime_genai_generates_pytorchs_greedy_tokens(tmp_path):
-    """`onnx` and `onnx-packed24` carry a genai_config.json with which onnxruntime_genai.Model(dir) generates the
-    same greedy tokens as PyTorch (a tiny model whose greedy tokens vary: initializer range 0.2)."""
+    """`onnx`, `onnx-packed24` and `onnx-sparse24` carry a genai_config.json with which onnxruntime_genai.Model(dir)
+    generates the same greedy tokens as PyTorch (a tiny model whose greedy tokens vary: initializer range 0.2)."""
     og = pytest.importorskip("onnxruntime_genai")
     import numpy as np
     from transformers import AutoModelForCausalLM
@@ -392,12 +392,12 @@ def test_onnxruntime_genai_generates_pytorchs_greedy_tokens(tmp_path):
     from export.api import export_all
 
     pruned = make_pruned(tmp_path, "2:4", hidden=64, init=0.2)
-    manifest = export_all(pruned, tmp_path / "out", "onnx,onnx-packed24")
+    manifest = export_all(pruned, tmp_path / "out", "onnx,onnx-packed24,onnx-sparse24")
     prompt = [5, 9, 13, 22, 7]
     model = AutoModelForCausalLM.from_pretrained(pruned).eval()
     want = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0)[0].tolist()
     assert len(set(want[len(prompt):])) > 5  # a greedy path that would show a difference
-    for fmt in ("onnx", "onnx-packed24"):
+    for fmt in ("onnx", "onnx-packed24", "onnx-sparse24"):  # the last on rose's operator library
         assert manifest["formats"][fmt]["genai_config"] == "genai_config.json"
         genai = og.Model(str(tmp_path / "out" / fmt))
         params = og.GeneratorParams(genai)
