@@ -25,8 +25,12 @@ SOURCES = ("sparse24.cpp", "torch_ops.cpp")
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 DTYPES = (torch.float32, torch.bfloat16)
 # From this many tokens on, a call unpacks a few panels at a time into a small dense tile and uses BLAS
-# (crossovers measured on the 2-core dev machine, docs/bench/cpu; override with ROSE24_DENSE_FROM).
+# (crossovers measured on the 2-core dev machine, docs/bench/cpu; override with ROSE24_DENSE_FROM). 0: never.
+# With AVX-512 the kernel decodes blocks once for many tokens (cpp/README.md) and beats PyTorch's fp32 BLAS at every
+# count (4096x4096, 1 thread: 57.8 against 132.5 ms of tiles at 256 tokens, 241 against 496 ms at 1024); PyTorch's
+# bf16 matmul stays ahead from 32 tokens on (34.7 against 57.8 ms at 256).
 DENSE_FROM = {torch.float32: 256, torch.bfloat16: 32}
+DENSE_FROM_AVX512 = {torch.float32: 0, torch.bfloat16: 32}
 TILE_BYTES = 8 << 20
 
 _state: dict[str, object] = {}
@@ -84,6 +88,11 @@ def ensure_ops() -> str:
     return str(_state["isa"])
 
 
+def default_dense_from(dtype: torch.dtype) -> int:
+    """The token count from which calls go through dense tiles and BLAS on this CPU (0: never)."""
+    return (DENSE_FROM_AVX512 if ensure_ops() == "avx512" else DENSE_FROM)[dtype]
+
+
 def _call(op: str, *args, what: str = "weight"):
     try:
         return getattr(torch.ops.rose, op)(*args)
@@ -120,7 +129,7 @@ class Sparse24Linear(nn.Module):
         self.isa = ISAS[isa]
         if dense_from is None:  # an explicit argument wins over the environment, which wins over the default
             env = os.environ.get("ROSE24_DENSE_FROM")
-            dense_from = int(env) if env else DENSE_FROM[values.dtype]
+            dense_from = int(env) if env else default_dense_from(values.dtype)
         self.dense_from = dense_from
 
     @classmethod

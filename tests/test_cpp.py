@@ -136,7 +136,8 @@ def test_explicit_dense_from_wins_over_the_environment(monkeypatch):
     assert cpu24.Sparse24Linear.from_dense(W).dense_from == 3
     assert cpu24.Sparse24Linear.from_dense(W, dense_from=0).dense_from == 0
     monkeypatch.delenv("ROSE24_DENSE_FROM")
-    assert cpu24.Sparse24Linear.from_dense(W).dense_from == cpu24.DENSE_FROM[torch.float32]
+    assert cpu24.Sparse24Linear.from_dense(W).dense_from == cpu24.default_dense_from(torch.float32)
+    assert cpu24.default_dense_from(torch.float32) == (0 if ISA == "avx512" else 256)
 
 
 def test_3d_and_non_contiguous_inputs():
