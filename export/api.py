@@ -26,18 +26,31 @@ log = logging.getLogger(__name__)
 
 
 def parse_formats(formats: str | Iterable[str] | None) -> list[str] | None:
-    """Canonical list of the requested formats (None: every one that applies); unknown names are an error."""
+    """Canonical list of the requested formats (None: every one that applies); unknown names, or a format that
+    cannot be written here (its reason: a missing build), are an error."""
     if formats is None:
         return None
     names = parse_list(formats, "--formats", choices=FORMATS, what="format")
+    for name in names:
+        if reason := FORMATS[name].available():
+            raise RoseError(reason)
     return [f for f in FORMATS if f in names]
 
 
 def resolve_formats(src: Source, formats: list[str] | None) -> list[str]:
-    """Default: every format for a 2:4 checkpoint, else those that need no 2:4. Explicit 2:4 formats must fit."""
+    """Default: every format for a 2:4 checkpoint, else those that need no 2:4, less those that cannot be written
+    here (with a warning). Explicit 2:4 formats must fit the weights."""
     if formats is None:
         is_24 = bool(src.linears) and not not_24(src)
-        return [f for f, fmt in FORMATS.items() if is_24 or not fmt.needs_24]
+        out = []
+        for name, fmt in FORMATS.items():
+            if fmt.needs_24 and not is_24:
+                continue
+            if reason := fmt.available():
+                log.warning("format %s is left out: %s", name, reason)
+                continue
+            out.append(name)
+        return out
     for fmt in formats:
         if FORMATS[fmt].needs_24:
             require_24(src, fmt)

@@ -81,6 +81,10 @@ class ExportContext:
 Writer = Callable[[ExportContext, Path], Written]
 
 
+def always() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -88,6 +92,7 @@ class Format:
     needs_24: bool          # only for 2:4 checkpoints (and in the default set only for them)
     loaded_by: str          # what reads it back (README)
     description: str = ""
+    available: Callable[[], str | None] = always  # why it cannot be written here (a missing build), or None
 
 
 FORMATS: dict[str, Format] = {}
@@ -211,6 +216,17 @@ register(Format("onnx", _onnx, False, "onnxruntime, onnxruntime-genai (`genai_co
                 "the causal LM with KV cache (opset 18, `torch.onnx` dynamo exporter), every zero kept"))
 register(Format("onnx-packed24", _onnx_packed24, True, "onnxruntime, onnxruntime-genai (`genai_config.json`)",
                 "the same graph with 2:4 weights stored packed and rebuilt by standard ops folded at load"))
+def _operator_library() -> str | None:
+    from .onnx_sparse24 import find_library
+
+    try:
+        find_library()
+    except RoseError as exc:
+        return str(exc)
+    return None
+
+
 register(Format("onnx-sparse24", _onnx_sparse24, True,
                 "onnxruntime with rose's operator library (in the directory; `runtime.ort.session`), onnxruntime-genai",
-                "the graph with every 2:4 linear run by rose's operator `rose.Sparse24MatMul` on packed weights"))
+                "the graph with every 2:4 linear run by rose's operator `rose.Sparse24MatMul` on packed weights",
+                _operator_library))

@@ -547,8 +547,13 @@ def test_onnx_sparse24_runs_roses_operator_on_packed_weights(exported, pruned24)
     assert info["size_ratio_to_onnx"] < 0.65
 
 
-def test_onnx_sparse24_without_the_operator_library_is_one_line(pruned24, tmp_path, monkeypatch):
+def test_onnx_sparse24_without_the_operator_library_is_one_line(pruned24, tmp_path, monkeypatch, caplog):
+    from export.api import resolve_formats
+    from export.source import open_source
+
     monkeypatch.setenv("ROSE_ORT_LIBRARY", str(tmp_path / "librose_ort.so"))
+    assert resolve_formats(open_source(pruned24), None) == FORMATS[:-1]  # the default set leaves it out, saying so
+    assert "format onnx-sparse24 is left out" in caplog.text
     r = run("export", "--pruned", pruned24, "--out", tmp_path / "out", "--formats", "onnx-sparse24", "-q")
     one_line_error(r, "needs rose's onnxruntime operator library")
     assert not (tmp_path / "out").exists()
