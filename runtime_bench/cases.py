@@ -6,9 +6,11 @@ backends).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,19 @@ class Settings:
     threads: int = 1
     seed: int = 0
     rss: bool = True  # CPU backends: peak RSS of a fresh subprocess
+    cuda_graphs: bool = True   # CUDA backends: time captured CUDA graphs (model: static cache; linear: one call)
+    eager_too: bool = False    # bench model: also time every graphed CUDA runner eagerly, on the same weights
+
+
+@contextlib.contextmanager
+def fp32_exact() -> Iterator[None]:
+    """fp32 matmuls in full fp32 on the GPU for the duration (TF32 off for cuBLAS and cuDNN): the references."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def parse_counts(text: str, what: str) -> list[int]:

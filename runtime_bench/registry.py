@@ -32,6 +32,8 @@ class LinearOp:
     weight_bytes: int                            # bytes of weights held (and read once per call)
     file_bytes: int | None = None                # serialized size, where the backend has a file format
     cuda: bool = False                           # time with CUDA events
+    max_tokens: int | None = None                # more rows of x are not taken (a decode kernel): skipped cases
+    info: dict | None = None                     # what the record should also say (the stored form, say)
 
 
 @dataclass(frozen=True)
