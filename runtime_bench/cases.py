@@ -42,7 +42,7 @@ class Settings:
     seed: int = 0
     rss: bool = True  # CPU backends: peak RSS of a fresh subprocess
     cuda_graphs: bool = True   # CUDA backends: time captured CUDA graphs (model: static cache; linear: one call)
-    eager_too: bool = False    # bench model: also time every graphed CUDA runner eagerly, on the same weights
+    eager_too: tuple = ()      # bench model: these CUDA backends are also timed eagerly, on the same weights
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from rose.clikit import quiet_option, setup_logging, stack
+from rose.config import parse_list
 from rose.errors import RoseError
 
 from .presets import PRESETS
@@ -134,8 +135,9 @@ def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, t
 @click.option("--batch", default="1", show_default=True, help="Batch sizes.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Greedy tokens decoded with the KV cache after the prefill.")
-@click.option("--eager-too", is_flag=True,
-              help="With --cuda-graphs: also gate and time every CUDA backend eagerly (the same weights).")
+@click.option("--eager-too", default=None,
+              help="With --cuda-graphs: these CUDA backends (comma-separated) are also gated and timed eagerly, on the "
+                   "same weights.")
 @_common(warmup=2, iters=10)
 def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens, eager_too, dtypes, backends, warmup,
               iters, threads, seed, rss, cuda_graphs, out, overwrite, quiet) -> None:
@@ -156,14 +158,16 @@ def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens,
         raise RoseError("pass --pruned DIR, or --config PRESET --random for a random-weight 2:4 model")
     if layers and pruned is not None:
         raise RoseError("--layers applies to --random models only")
-    if eager_too and not cuda_graphs:
+    eager = tuple(parse_list(eager_too, "--eager-too", choices=[b.name for b in chosen], what="backend")
+                  ) if eager_too else ()
+    if eager and not cuda_graphs:
         raise RoseError("--eager-too adds an eager run beside the graphed one: it needs --cuda-graphs")
     source = ModelSource.pruned(pruned) if pruned is not None else ModelSource.random(preset, layers, seed)
     inputs = [("--pruned", pruned)]
     check_output(out, overwrite, inputs)
     with _threads(threads) as n:
         results = run_model(source, lens, batches, decode_tokens, dtype_names, chosen,
-                            Settings(warmup, iters, n, seed, rss, cuda_graphs, eager_too))
+                            Settings(warmup, iters, n, seed, rss, cuda_graphs, eager))
     _finish(results, out, overwrite, inputs)
 
 

@@ -54,7 +54,7 @@ def run_model(source: ModelSource, prompt_lens: list[int], batches: list[int], d
                 records += [record(b, env, {**base, "batch": n, "tokens": p}, "error", message=one_line(exc))
                             for n, p in grid]
                 continue
-            for runner in variants(built, settings, max_len):
+            for runner in variants(built, settings, max_len, b.name):
                 graphs = getattr(runner, "graphs", False)
                 key = (b.name, graphs)
                 extra = {"cuda_graphs": graphs if runner.cuda else None}
@@ -90,15 +90,15 @@ def run_model(source: ModelSource, prompt_lens: list[int], batches: list[int], d
                      formats_bytes=source.formats_bytes(), **extra)
 
 
-def variants(runner, settings: Settings, max_len: int) -> list:
-    """The runners to gate and time for one built model: on CUDA with --cuda-graphs the graphed one (and, with
-    --eager-too, the eager one on the same weights); otherwise the runner itself."""
+def variants(runner, settings: Settings, max_len: int, name: str = "") -> list:
+    """The runners to gate and time for one built model: on CUDA with --cuda-graphs the graphed one (and, for the
+    backends named in --eager-too, the eager one on the same weights); otherwise the runner itself."""
     from .torch_backends import GraphedRunner, TorchRunner
 
     if not (getattr(runner, "cuda", False) and settings.cuda_graphs and isinstance(runner, TorchRunner)):
         return [runner]
     graphed = GraphedRunner(runner, max_len)
-    return [graphed, runner] if settings.eager_too else [graphed]
+    return [graphed, runner] if name in settings.eager_too else [graphed]
 
 
 def _model_case(runners: dict, gated: dict, env: dict, base: dict, source: ModelSource, settings: Settings

@@ -16,7 +16,30 @@ import torch
 from runtime import RoseRuntimeError
 from runtime import gpu24 as g
 from runtime import triton24 as t24
-from test_triton24 import interpreter, random_24  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Triton's interpreter on CPU tensors (test_triton24 imports Triton with TRITON_INTERPRET=1; imported here only
+    when a test asks, so that `pytest -m gpu` on a GPU never imports Triton in interpreter mode)."""
+    import test_triton24
+
+    if test_triton24.WHY_NOT is not None:
+        pytest.skip(test_triton24.WHY_NOT)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def random_24(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A 2:4 weight with groups of two, one and no nonzeros."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols // 4, 4, generator=gen)
+    keep = torch.zeros_like(W, dtype=torch.bool).scatter_(2, torch.rand(W.shape, generator=gen).topk(2, dim=2).indices,
+                                                          True)
+    kind = torch.randint(0, 6, (rows, cols // 4, 1), generator=gen)
+    W = torch.where(keep, W, torch.zeros(()))
+    W = torch.where(kind == 1, W * (torch.arange(4) == keep.float().argmax(-1, keepdim=True)), W)   # one nonzero
+    W = torch.where(kind == 2, torch.zeros(()), W)                                                  # none
+    return W.reshape(rows, cols).to(dtype)
 
 
 class FakeCslt:
