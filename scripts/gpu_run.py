@@ -28,7 +28,8 @@ call 1 (linear layer and kernel; ~5 minutes)
 call 2 (pruning on the GPU, checks, the 7B model; ~7 minutes)
   env          (5 / 60)
   prune        rose-export prune-and-export --device cuda of SmolLM2 at 2:4, 64 x 512 calibration (120 / 300)
-  eval         its WikiText-2 perplexity on the GPU (65,536 tokens), and on 4,096 tokens on GPU and CPU (50 / 180)
+  eval         its WikiText-2 perplexity on the GPU (65,536 tokens), and on 4,096 tokens on GPU and CPU, the
+               model loaded once (40 / 180)
   compare      against the CPU run of the README (docs/quality/recipes/rose_2_4_s0.json): time, perplexity,
                reconstruction errors, with the bounds in COMPARE declared before any GPU run (2 / 30)
   gpu_check    python -m runtime_bench.gpu_check: CUTLASS packing, load_sparse logits, rose's GPU path (logits,
@@ -92,6 +93,7 @@ class Step:
     needs: tuple = ("cuda",)
     what: str = ""
     files: dict = field(default_factory=dict)   # output name -> path under the work folder
+    after: tuple = ()                           # steps of the same call that must have succeeded
 
 
 def work() -> Path:
@@ -109,23 +111,54 @@ STEPS = [
     Step("env", 2, 5, 60, (), "versions and devices"),
     Step("prune", 2, 120, 300, ("cuda", "gguf"), "prune-and-export SmolLM2 2:4 on CUDA",
          {"prune_recipe.json": "smol24/hf/rose_recipe.json"}),
-    Step("eval", 2, 50, 180, ("cuda", "gguf"), "perplexity, GPU and CPU"),
-    Step("compare", 2, 2, 30, ("cuda", "gguf"), "against the CPU run"),
+    Step("eval", 2, 40, 180, ("cuda", "gguf"), "perplexity, GPU and CPU", after=("prune",)),
+    Step("compare", 2, 2, 30, ("cuda", "gguf"), "against the CPU run", after=("eval",)),
     Step("gpu_check", 2, 40, 180, ("cuda", "gguf"), "runtime_bench.gpu_check on the export",
-         {"gpu_check.json": "gpu_check.json"}),
+         {"gpu_check.json": "gpu_check.json"}, after=("prune",)),
     Step("bench_model", 2, 200, 360, ("cuda",), "bench model, LLaMA-2-7B random 2:4",
          {"model.json": "model/results.json", "model.md": "model/results.md"}),
     Step("profile", 2, 45, 120, ("cuda",), "profiler, 4 layers, 2048 tokens", {"profile.md": "profile/profile.md"}),
 ]
 
 
-def commands(step: Step, py: str) -> list[list[str]]:
+SMOKE_STEPS = {"env", "prune", "eval", "compare", "bench_linear", "bench_model"}
+SMOKE = {  # --smoke: the same commands on the CPU at toy sizes (the plumbing, not the measurements)
+    "--device": {"cuda": "cpu"}, "--nsamples": {"64": "2"}, "--seqlen": {"512": "64"},
+    "--max-tokens": {"65536": "1024", "4096": "256"}, "--preset": {"llama-2-7b,llama-3-8b": "tiny"},
+    "--tokens": {"1,16,64,512,2048,8192": "1,4"}, "--dtypes": {"fp16,bf16": "fp32", "fp16": "fp32"},
+    "--config": {"llama-2-7b": "tiny"}, "--prompt-lens": {"512,2048": "8"}, "--decode-tokens": {"16": "2"},
+    "--backends": {"torch-cuda,cusparselt,cutlass,triton24,gpu24,gpu24-cslt,gpu24-triton,onnx-cuda,"
+                   "onnx-packed24-cuda": "torch-cpu,cpp", "torch-cuda,cusparselt,gpu24,gpu24-cslt,gpu24-triton":
+                   "torch-cpu,cpp"},
+    "--eager-too": {"torch-cuda,gpu24": None}, "--method": {"rose": "magnitude"},
+}
+
+
+def smoke(cmd: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(cmd):
+        flag = cmd[i]
+        if flag in SMOKE and i + 1 < len(cmd) and cmd[i + 1] in SMOKE[flag]:
+            value = SMOKE[flag][cmd[i + 1]]
+            if value is not None:
+                out += [flag, value]
+            i += 2
+            continue
+        out.append(flag)
+        i += 1
+    return out
+
+
+def commands(step: Step, py: str, smoke_run: bool = False) -> list[list[str]]:
     """The command lines of a step (each runs in the repository root with PYTHONPATH = site + repository)."""
+    cmds = _commands(step, py)
+    return [smoke(c) + (["--smoke"] if "--inline" in c else []) for c in cmds] if smoke_run else cmds
+
+
+def _commands(step: Step, py: str) -> list[list[str]]:
     w = work()
     data = CARRY / "data"
     cli = [py, "-m", "rose_export"]
-    hf = str(w / "smol24" / "hf")
-    test = str(data / "test.raw.txt")
     inline = [py, str(Path(__file__).resolve()), "--inline", step.name]
     return {
         "env": [inline],
@@ -142,12 +175,7 @@ def commands(step: Step, py: str) -> list[list[str]]:
                    "--calib", str(data / "valid.tokens.txt"), "--nsamples", "64", "--seqlen", "512", "--seed", "0",
                    "--device", "cuda", "--formats", "hf,packed24,semi-structured", "--out", str(w / "smol24"),
                    "--overwrite", "-q"]],
-        "eval": [[*cli, "eval", "--model", hf, "--data", test, "--seqlen", "512", "--max-tokens", "65536",
-                  "--device", "cuda", "--json"],
-                 [*cli, "eval", "--model", hf, "--data", test, "--seqlen", "512", "--max-tokens", "4096",
-                  "--device", "cuda", "--json"],
-                 [*cli, "eval", "--model", hf, "--data", test, "--seqlen", "512", "--max-tokens", "4096",
-                  "--device", "cpu", "--json"]],
+        "eval": [inline],
         "compare": [inline],
         "gpu_check": [[py, "-m", "runtime_bench.gpu_check", str(w / "smol24"), "--json", str(w / "gpu_check.json")]],
         "bench_model": [[*cli, "bench", "model", "--config", "llama-2-7b", "--random", "--prompt-lens", "512,2048",
@@ -228,7 +256,31 @@ def cuda_available(py: str = sys.executable) -> bool:
 
 # ---- inline steps (run as subprocesses of this script) -------------------------------------------------------
 
-def inline_env() -> dict:
+def inline_eval(smoke_run: bool = False) -> dict:
+    """WikiText-2 perplexity of the GPU-pruned model, loaded once: on the GPU over 65,536 tokens (the README's
+    protocol), and over the first 4,096 tokens on the GPU and on the CPU (the same weights: pure rounding)."""
+    from rose.data import evaluation_tokens
+    from rose.eval import perplexity
+    from rose.models import load_model
+    from rose.offload import full_fp32
+
+    hf, data = work() / "smol24" / "hf", str(CARRY / "data" / "test.raw.txt")
+    model, tokenizer = load_model(str(hf))
+    ids = evaluation_tokens(tokenizer, data)            # tokenized once (as rose-export eval does per call)
+    gpu, seqlen = ("cpu", 64) if smoke_run else ("cuda", 512)
+    runs = {"gpu_65536": (gpu, 1024 if smoke_run else 65536), "gpu_4096": (gpu, 256 if smoke_run else 4096),
+            "cpu_4096": ("cpu", 256 if smoke_run else 4096)}
+    out = {}
+    for i, (name, (device, tokens)) in enumerate(runs.items()):
+        t0 = time.time()
+        with full_fp32():
+            result = perplexity(model.to(device), ids, seqlen, tokens, device=device, progress=False)
+        out[name] = {**result, "device": device, "seconds": round(time.time() - t0, 1)}
+        (work() / f"eval_{i}.json").write_text(json.dumps(out[name]))
+    return out
+
+
+def inline_env(smoke_run: bool = False) -> dict:
     import platform
 
     import torch
@@ -255,7 +307,7 @@ def inline_env() -> dict:
     return out
 
 
-def inline_cslt_layout() -> dict:
+def inline_cslt_layout(smoke_run: bool = False) -> dict:
     import torch
 
     from runtime.gpu24 import cslt_layout_report
@@ -296,7 +348,7 @@ def compare(gpu_recipe: dict, cpu_recipe: dict, evals: list[dict], bounds: dict 
     return out
 
 
-def inline_compare() -> dict:
+def inline_compare(smoke_run: bool = False) -> dict:
     w = work()
     gpu = json.loads((w / "smol24" / "hf" / "rose_recipe.json").read_text())
     cpu = json.loads(CPU_RECIPE.read_text())
@@ -304,7 +356,7 @@ def inline_compare() -> dict:
     return compare(gpu, cpu, evals)
 
 
-INLINE = {"env": inline_env, "cslt_layout": inline_cslt_layout, "compare": inline_compare}
+INLINE = {"env": inline_env, "cslt_layout": inline_cslt_layout, "eval": inline_eval, "compare": inline_compare}
 
 
 # ---- targets, read off the step outputs ----------------------------------------------------------------------
@@ -341,6 +393,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument("--only", default=None, help="comma-separated step names of this call (default: all)")
     p.add_argument("--deadline", type=float, default=None, help="seconds of command time [default: per call]")
+    p.add_argument("--smoke", action="store_true",
+                   help="here, without a GPU: run the steps that can on the CPU at toy sizes (plumbing only)")
     p.add_argument("--inline", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.inline:
@@ -365,11 +419,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def run_step(step: Step, py: str, env: dict, timeout: float, log) -> dict:
+def run_step(step: Step, py: str, env: dict, timeout: float, log, smoke_run: bool = False) -> dict:
     """Run a step's commands in turn; status ok / failed / timeout, the seconds, and the parsed output."""
     t0 = time.time()
     result: dict = {"status": "ok", "outputs": []}
-    for i, cmd in enumerate(commands(step, py)):
+    for i, cmd in enumerate(commands(step, py, smoke_run)):
         left = timeout - (time.time() - t0)
         log(f"$ {' '.join(cmd)}   (limit {left:.0f} s)")
         try:
@@ -385,14 +439,12 @@ def run_step(step: Step, py: str, env: dict, timeout: float, log) -> dict:
             result.update(status="failed", reason=f"exit {done.returncode}: {(tail or ['?'])[-1][:300]}")
             break
         text = done.stdout.strip()
-        if cmd[-1] == "--json" or "--inline" in cmd:
+        if "--inline" in cmd:
             try:
                 parsed = json.loads(text.splitlines()[-1])
             except (ValueError, IndexError):
                 parsed = None
             result["outputs"].append(parsed)
-            if step.name == "eval" and parsed is not None:
-                (work() / f"eval_{i}.json").write_text(json.dumps(parsed))
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -402,10 +454,14 @@ def summarize_step(step: Step, result: dict) -> dict:
     w = work()
     found: dict = {}
     try:
-        if step.name in ("env", "cslt_layout", "compare") and result["outputs"]:
+        if step.name in ("env", "cslt_layout", "compare", "eval") and result["outputs"]:
             found = result["outputs"][0]
-        elif step.name == "eval":
-            found = {k: o for k, o in zip(("gpu_65536", "gpu_4096", "cpu_4096"), result["outputs"])}
+        elif step.name == "prune":
+            recipe = json.loads((w / "smol24" / "hf" / "rose_recipe.json").read_text())
+            manifest = json.loads((w / "smol24" / "manifest.json").read_text())
+            found = {k: recipe["results"].get(k) for k in ("prune_seconds", "sparsity", "mean_rel_error",
+                                                           "columnar_fraction")}
+            found["formats_bytes"] = {f: i["bytes"] for f, i in manifest["formats"].items()}
         elif step.name == "triton24":
             report = json.loads((w / "triton24" / "triton24.json").read_text())
             found = {"ok": report["ok"], "copy_gbps": report["copy_gbps"], "summary": report["summary"]}
@@ -481,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     if args.inline:
-        print(json.dumps(INLINE[args.inline](), default=str))
+        print(json.dumps(INLINE[args.inline](args.smoke), default=str))
         return 0
     py = sys.executable
     if args.dry_run:
@@ -509,22 +565,31 @@ def main(argv: list[str] | None = None) -> int:
            "TORCH_EXTENSIONS_DIR": str(STASH / "torch-ext"), "TOKENIZERS_PARALLELISM": "false"}
     has = {"cuda": cuda_available(py), "gguf": setup["gguf"]["status"] == "ready"}
     why_not = {"cuda": "no CUDA", "gguf": f"no GGUF: {setup['gguf'].get('reason', setup['gguf']['status'])}"}
+    if args.smoke:
+        has["cuda"], why_not["cuda"] = True, "smoke run: needs CUDA"
     say(f"call {args.call}: setup {json.dumps(setup)}; CUDA {has['cuda']}")
     summary = {"call": args.call, "deadline": args.deadline, "setup": setup, "env": {}, "steps": [],
-               "compare_bounds": COMPARE}
+               "compare_bounds": COMPARE, "smoke": args.smoke}
+    done: dict[str, str] = {}
+    selected = {s.name for s in args.steps}
     for step in args.steps:
         elapsed = time.time() - t0
         entry = {"name": step.name, "what": step.what, "expect": step.expect, "budget": step.budget}
         missing = [n for n in step.needs if not has[n]]
+        if args.smoke and step.name not in SMOKE_STEPS:
+            missing = ["cuda"]
+        failed = [a for a in step.after if a in selected and done.get(a) != "ok"]   # --only: files of a past run
         if missing:
             entry.update(status="skipped", reason="; ".join(why_not[n] for n in missing))
+        elif failed:
+            entry.update(status="skipped", reason=f"needs {', '.join(failed)}, which did not succeed")
         elif elapsed + step.expect > args.deadline:
             entry.update(status="skipped", reason=f"not enough time left ({args.deadline - elapsed:.0f} s of "
                                                   f"{args.deadline:.0f} s; expects {step.expect} s)")
         else:
             say(f"{step.name}: {step.what} (expected {step.expect} s, limit {step.budget} s)")
-            limit = min(step.budget, args.deadline - elapsed)
-            result = run_step(step, py, env, limit, log)
+            limit = min(step.budget if not args.smoke else args.deadline, args.deadline - elapsed)
+            result = run_step(step, py, env, limit, log, args.smoke)
             entry.update({k: v for k, v in result.items() if k != "outputs"})
             if result["status"] == "ok":
                 entry["found"] = summarize_step(step, result)
@@ -536,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["env"] = result["outputs"][0] or {}
         say(f"{step.name}: {entry['status']} {entry.get('reason', '')} ({entry.get('seconds', 0)} s)")
         summary["steps"].append(entry)
+        done[step.name] = entry["status"]
     summary["seconds"] = round(time.time() - t0, 1)
     summary["ok"] = not any(s["status"] in ("failed", "timeout") for s in summary["steps"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
