@@ -41,7 +41,7 @@ def _triton_linear(W: torch.Tensor, dtype: torch.dtype, threads: int) -> LinearO
     _half(dtype, "the Triton 2:4 kernel")
     packed = t24.pack_dense(W.to(device="cuda", dtype=dtype))
     return LinearOp(fn=lambda x: t24.linear(x, packed), to_input=lambda x: x.to(device="cuda", dtype=dtype),
-                    to_output=lambda y: y.float().cpu(), weight_bytes=packed.nbytes, cuda=True,
+                    to_output=lambda y: y.float(), weight_bytes=packed.nbytes, cuda=True,
                     max_tokens=t24.max_rows(), info={"config_rule": "pick_config"})
 
 
@@ -56,7 +56,7 @@ def _gpu24_linear(store: str) -> Callable[[torch.Tensor, torch.dtype, int], Line
         except RoseRuntimeError as exc:
             raise Unsupported(str(exc)) from None
         return LinearOp(fn=layer, to_input=lambda x: x.to(device="cuda", dtype=dtype),
-                        to_output=lambda y: y.float().cpu(), weight_bytes=layer.weight_bytes, cuda=True,
+                        to_output=lambda y: y.float(), weight_bytes=layer.weight_bytes, cuda=True,
                         info={"form": layer.form, "crossover": layer.crossover})
     return build
 

@@ -37,7 +37,7 @@ def _linear(backend: str) -> Callable[[torch.Tensor, torch.dtype, int], LinearOp
         refused(backend, Ws, dtype)
         return LinearOp(fn=lambda x: torch.nn.functional.linear(x, Ws),
                         to_input=lambda x: x.to(device="cuda", dtype=dtype),
-                        to_output=lambda y: y.float().cpu(), weight_bytes=sparse_bytes(Ws), cuda=True)
+                        to_output=lambda y: y.float(), weight_bytes=sparse_bytes(Ws), cuda=True)
     return build
 
 

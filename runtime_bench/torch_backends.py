@@ -58,7 +58,7 @@ def _dense_linear(device: str) -> Callable[[torch.Tensor, torch.dtype, int], Lin
         Wd = W.to(device=device, dtype=dtype).contiguous()
         return LinearOp(fn=lambda x: torch.nn.functional.linear(x, Wd),
                         to_input=lambda x: x.to(device=device, dtype=dtype),
-                        to_output=lambda y: y.float().cpu(), weight_bytes=Wd.nbytes, cuda=device == "cuda")
+                        to_output=lambda y: y.float(), weight_bytes=Wd.nbytes, cuda=device == "cuda")
     return build
 
 
