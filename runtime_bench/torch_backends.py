@@ -124,6 +124,9 @@ class TorchRunner:
         return self
 
 
+CAPTURE = None   # the capturer graphed runners use (None: CUDA graphs); tests set runtime.generate.Deferred
+
+
 class GraphedRunner(TorchRunner):
     """The same model through `runtime.generate.GraphedGenerator`: a static KV cache, prefill and decode steps
     replayed as CUDA graphs (falling back to eager, with the reason in `graph_error`, where capture fails)."""
@@ -135,7 +138,7 @@ class GraphedRunner(TorchRunner):
 
         self.__dict__.update(base.__dict__)
         self.base = base
-        self.gen = GraphedGenerator(base.model, max_len, capture=capture)
+        self.gen = GraphedGenerator(base.model, max_len, capture=capture or CAPTURE)
 
     @property
     def graph_error(self) -> str | None:

@@ -10,7 +10,8 @@ import torch
 from conftest import make_pruned, one_line_error, run_cli as run
 
 CPU_BACKENDS = ["torch-cpu", "cpp", "onnx-cpu", "onnx-packed24-cpu"]
-CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda"]
+CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda", "triton24", "gpu24",
+                 "gpu24-cslt", "gpu24-triton"]
 STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cpu_model"]
 FAST = ["--iters", "2", "--warmup", "1"]
 
@@ -92,6 +93,18 @@ def test_linear_half_dtypes_gate_or_skip(tmp_path):
     assert onnx_bf16[0]["status"] == "skipped" and "bfloat16" in onnx_bf16[0]["reason"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given without CUDA")
+def test_gpu_24_backends_say_why_they_cannot_run_here(tmp_path):
+    out = tmp_path / "gpu24"
+    ok(run("bench", "linear", "--shapes", "32x64", "--tokens", "1,20", "--dtypes", "fp16", "--backends",
+           "torch-cpu,triton24,gpu24,gpu24-cslt,gpu24-triton", "--no-rss", *FAST, "--out", out))
+    doc = results(out)
+    for name in ("triton24", "gpu24", "gpu24-cslt", "gpu24-triton"):
+        assert doc["skipped"][name] == "no CUDA device here (torch.cuda.is_available() is False)"
+        assert doc["backends"][name]["baseline"] == "torch-cuda" and doc["backends"][name]["sparse"]
+    assert {r["backend"] for r in doc["records"]} == {"torch-cpu"}
+
+
 def test_presets_cover_the_issue_and_give_llama_shapes():
     from runtime_bench.presets import PRESETS, preset_shapes
 
@@ -128,6 +141,26 @@ def test_gate_rejects_a_wrong_backend(monkeypatch, tmp_path):
         assert r["status"] == "wrong" and r["error"] > r["tolerance"] and "median_ms" not in r
         assert "median_ms_ratio" not in r
     assert "**wrong**" in (out / "results.md").read_text()
+
+
+def test_a_backend_that_takes_few_tokens_is_skipped_above(monkeypatch, tmp_path):
+    """A decode kernel (triton24 takes 1 to 16 rows) is gated and timed up to its limit, skipped with the reason
+    above it; what the op reports about itself (`info`) lands in its records."""
+    from runtime_bench.backends import BACKENDS, Backend, LinearOp
+
+    def build(W, dtype, threads):
+        Wd = W.to(dtype)
+        return LinearOp(fn=lambda x: torch.nn.functional.linear(x, Wd), to_input=lambda x: x.to(dtype),
+                        to_output=lambda y: y.float(), weight_bytes=Wd.nbytes, max_tokens=4, info={"form": "probe"})
+
+    monkeypatch.setitem(BACKENDS, "few-cpu", Backend("few-cpu", "cpu", True, "torch-cpu", lambda: None, build))
+    out = tmp_path / "few"
+    ok(run("bench", "linear", "--shapes", "32x64", "--tokens", "1,4,8", "--dtypes", "fp32", "--backends",
+           "torch-cpu,few-cpu", "--no-rss", *FAST, "--out", out))
+    recs = {r["tokens"]: r for r in results(out)["records"] if r["backend"] == "few-cpu"}
+    assert recs[1]["status"] == recs[4]["status"] == "ok" and recs[1]["form"] == "probe"
+    assert recs[8]["status"] == "skipped" and recs[8]["reason"] == "takes at most 4 tokens (rows of x)"
+    assert "median_ms_ratio" in recs[4] and recs[1]["timing"] == "eager"
 
 
 # ---- bench model ---------------------------------------------------------------------------------------------
@@ -210,6 +243,10 @@ def test_timing_interleaves_and_summarizes():
     (["model", "--config", "nope", "--random"], "unknown preset 'nope'"),
     (["model", "--config", "tiny"], "--config PRESET --random"),
     (["model", "--config", "tiny", "--random", "--backends", "cuda-magic"], "unknown backend 'cuda-magic'"),
+    (["model", "--config", "tiny", "--random", "--backends", "torch-cpu", "--eager-too", "gpu24"],
+     "unknown backend 'gpu24'"),
+    (["model", "--config", "tiny", "--random", "--eager-too", "gpu24", "--no-cuda-graphs"], "needs --cuda-graphs"),
+    (["model", "--config", "tiny", "--random", "--backends", "triton24"], "backend 'triton24' has no model benchmark"),
 ])
 def test_bad_inputs_are_one_line_errors(args, fragment, tmp_path):
     one_line_error(run("bench", *args, "--out", tmp_path / "never"), fragment)

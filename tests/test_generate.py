@@ -122,6 +122,25 @@ def test_the_benchmarks_graphed_runner(model):
     assert runner.weight_bytes == base.weight_bytes and runner.linear_bytes == base.linear_bytes
 
 
+def test_bench_model_variants(model, monkeypatch):
+    """Which runners bench model gates and times per built model: on CUDA with --cuda-graphs the graphed one, plus
+    the eager one for the backends named in --eager-too; elsewhere the runner itself."""
+    from runtime_bench import torch_backends
+    from runtime_bench.cases import Settings
+    from runtime_bench.model_bench import variants
+
+    monkeypatch.setattr(torch_backends, "CAPTURE", Deferred())
+    cpu = torch_backends.TorchRunner(model, "cpu")
+    assert variants(cpu, Settings(), 32, "torch-cpu") == [cpu]
+    fake_cuda = torch_backends.TorchRunner(model, "cpu")
+    fake_cuda.cuda = True
+    graphed, = variants(fake_cuda, Settings(), 32, "gpu24")
+    assert graphed.graphs and graphed.eager() is fake_cuda and graphed.gen.max_len == 32
+    both = variants(fake_cuda, Settings(eager_too=("gpu24",)), 32, "gpu24")
+    assert [r.graphs for r in both] == [True, False] and both[1] is fake_cuda
+    assert variants(fake_cuda, Settings(cuda_graphs=False), 32, "gpu24") == [fake_cuda]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_give_the_eager_tokens():
