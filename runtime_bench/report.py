@@ -57,7 +57,7 @@ def stamp(env: dict[str, Any], device: str) -> dict[str, Any]:
     """The fields stamped into every record."""
     return {"device_name": env["gpu"] if device == "cuda" else env["cpu_model"], "threads": env["threads"],
             "torch": env["torch"], "onnxruntime": env["onnxruntime"], "cuda": env["cuda"], "driver": env["driver"],
-            "cpu_model": env["cpu_model"]}
+            "cusparselt": env.get("cusparselt"), "cpu_model": env["cpu_model"]}
 
 
 def write(out: Path, results: dict[str, Any]) -> list[Path]:

@@ -12,7 +12,7 @@ from conftest import make_pruned, one_line_error, run_cli as run
 CPU_BACKENDS = ["torch-cpu", "cpp", "onnx-cpu", "onnx-packed24-cpu"]
 CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda", "triton24", "gpu24",
                  "gpu24-cslt", "gpu24-triton"]
-STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cpu_model"]
+STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cusparselt", "cpu_model"]
 FAST = ["--iters", "2", "--warmup", "1"]
 
 
