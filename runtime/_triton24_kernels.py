@@ -233,3 +233,20 @@ def compile_for_sm(capability: int = 90, dtype: str = "fp16", use_dot: bool = Tr
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
+
+
+def compile_expand_for_sm(capability: int = 90, block_n: int = 32, block_k: int = 128, num_warps: int = 4):
+    """`expand24_kernel` through Triton's NVIDIA backend for a compute capability, without a GPU (as
+    `compile_for_sm`)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(expand24_kernel)
+    consts = {"BLOCK_N": block_n, "BLOCK_K": block_k}
+    ptrs = {"p_ptr": "i32", "m_ptr": "i32", "d_ptr": "i32"}
+    sig = {n: f"*{ptrs[n]}" if n in ptrs else "constexpr" if n in consts else "i32" for n in fn.arg_names}
+    aligned = [n for n in fn.arg_names if n in ptrs or n.startswith("stride") or n == "K"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": True})

@@ -201,15 +201,15 @@ def masks_for_values(dense: torch.Tensor, values: torch.Tensor) -> torch.Tensor 
         return None
     d = dense.reshape(rows, cols // 4, 4)
     v = values.reshape(rows, cols // 4, 2).to(dense.dtype)
-    col = torch.arange(4, device=dense.device)
-    none = torch.full((), 4, device=dense.device, dtype=col.dtype)
+    col = torch.arange(4, device=dense.device, dtype=torch.uint8)        # uint8 throughout: 7B layers are large
+    none = torch.full((), 4, device=dense.device, dtype=torch.uint8)
     c0 = torch.where(d == v[..., :1], col, none).amin(-1)
     c1 = torch.where((d == v[..., 1:]) & (col > c0.unsqueeze(-1)), col, none).amin(-1)
     if bool(((c0 > 3) | (c1 > 3)).any()):
         return None
-    keep = (torch.ones((), dtype=torch.uint8, device=dense.device) << c0.to(torch.uint8)) | \
-        (torch.ones((), dtype=torch.uint8, device=dense.device) << c1.clamp(max=3).to(torch.uint8))
-    kept_cols = ((keep.unsqueeze(-1) >> col.to(torch.uint8)) & 1).bool()
+    one = torch.ones((), dtype=torch.uint8, device=dense.device)
+    keep = (one << c0) | (one << c1)
+    kept_cols = ((keep.unsqueeze(-1) >> col) & 1).bool()
     if bool(((d != 0) & ~kept_cols).any()):
         return None
     pad = keep if (cols // 4) % 2 == 0 else torch.cat([keep, keep.new_zeros(rows, 1)], dim=1)

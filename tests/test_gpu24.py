@@ -365,6 +365,34 @@ def test_load_gpu24_reads_the_semi_structured_export(tmp_path, interpreter):
             g.load_gpu24(tmp_path / "exp" / "semi-structured")
 
 
+def test_expansion_kernel_matches_unpack_and_compiles_for_hopper(interpreter, tmp_path):
+    """runtime.triton24.expand (store="triton" prefill) rebuilds the dense weight bit for bit in the interpreter,
+    into a buffer or a larger scratch, and builds for sm_90 with 16-byte loads and stores (fresh process, no
+    interpreter)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for rows, cols in [(37, 76), (64, 256), (5, 388)]:
+            W = random_24(rows, cols, dtype, seed=rows)
+            p = t24.pack_dense(W)
+            assert torch.equal(t24.expand(p).view(torch.int16), t24.unpack(p).view(torch.int16))
+            scratch = torch.full((rows * cols + 9,), float("nan"), dtype=dtype)
+            assert torch.equal(t24.expand(p, out=scratch), t24.unpack(p))
+    with pytest.raises(RoseRuntimeError, match="out must be a contiguous"):
+        t24.expand(t24.pack_dense(random_24(8, 16, torch.float16)), out=torch.empty(10, dtype=torch.float16))
+    code = ("from runtime._triton24_kernels import compile_expand_for_sm as c; ptx = c(90).asm['ptx']; "
+            "print('ld.global.v4' in ptx, 'st.global.v4' in ptx)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr[-2000:]
+
+
 # ---- on a GPU ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
