@@ -11,7 +11,8 @@ rows (tokens) in x:
 - rows <= `crossover` (default `DEFAULT_CROSSOVER` = 16, the kernel's limit) and a Triton layout is held: the
   Triton kernel (`runtime/triton24.py`), which reads only the kept values and 4-bit masks;
 - otherwise cuSPARSELt: `torch._cslt_sparse_mm(compressed, x2d.t())` with the searched algorithm, x padded to
-  cuSPARSELt's row multiple. cuSPARSELt writes W x^T (out x tokens, row-major); its transpose is the output in
+  cuSPARSELt's row multiple (its workspace is allocated by PyTorch on each call from the caching allocator; inside
+  a CUDA graph, once, from the graph's pool). cuSPARSELt writes W x^T (out x tokens, row-major); its transpose is the output in
   the layout (tokens x out) but strided. `contiguous=True` copies it (attention's q, k, v need contiguous rows:
   strided ones push scaled_dot_product_attention off its fused kernels); `contiguous=False` hands the strided
   view on, which elementwise consumers (o_proj's residual add, the MLP's act(gate) * up, down_proj's input)

@@ -24,6 +24,7 @@ import torch
 
 KINDS = [  # (kind, pattern on the lower-cased kernel name), first match wins
     ("2:4 gemm", r"cusparselt|sparse24|sp_gemm|sm\d+_xmma_sparse|cutlass.*sparse|sparse.*cutlass|spmma|_sp_"),
+    ("2:4 expand", r"expand24"),
     ("attention", r"flash|fmha|attention|attn|cudnn.*(sdpa|mha)|softmax"),
     ("dense gemm", r"gemm|cutlass|cublas|nvjet|xmma|sm90_|sm80_|ampere|hopper|wgmma|matmul|gemv"),
     ("copy/layout", r"copy|transpose|cat|memcpy|memset|index|pad|fill|contiguous"),

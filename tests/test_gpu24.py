@@ -415,12 +415,12 @@ def test_gpu24_on_cuda(store):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu24_graphed_generation_on_cuda():
     """CUDA graphs over a 2:4 tiny LLaMA: the same greedy tokens as eager decoding of the same layers."""
-    from runtime.generate import GraphedGenerator
+    from runtime.generate import Deferred, GraphedGenerator
 
     model = pruned_tiny().cuda()
     g.sparsify_gpu(model)
     ids = torch.randint(0, 70, (1, 40), device="cuda")
-    eager = GraphedGenerator(model, 64, capture=__import__("runtime.generate", fromlist=["Deferred"]).Deferred())
+    eager = GraphedGenerator(model, 64, capture=Deferred())
     graphed = GraphedGenerator(model, 64)
     assert torch.equal(graphed.generate(ids, 10), eager.generate(ids, 10)), graphed.graph_error
     assert graphed.graph_error is None and graphed.captures == 2

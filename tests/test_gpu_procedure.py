@@ -165,6 +165,34 @@ def test_the_gguf_travels_in_halves_and_is_joined_once_both_are_here(gpu_run, gp
     assert gpu_run.assemble_gguf(bad, tmp_path / "stash2", tmp_path / "site2")["status"] == "missing"
 
 
+def make_wheel(folder: Path) -> Path:
+    folder.mkdir()
+    path = folder / "roseprobe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("roseprobe/__init__.py", "VALUE = 42\n")
+        z.writestr("roseprobe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: roseprobe\nVersion: 1.0\n")
+        z.writestr("roseprobe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                    "Tag: py3-none-any\n")
+        z.writestr("roseprobe-1.0.dist-info/RECORD", "")
+    return path
+
+
+@pytest.mark.slow
+def test_carried_wheels_install_with_a_fresh_venvs_pip(gpu_run, tmp_path):
+    """The install line the GPU machine runs, by the pip of a virtual environment made now (as bare as the GPU
+    image is for these packages)."""
+    import venv
+
+    venv.create(tmp_path / "venv", with_pip=True)
+    py = str(tmp_path / "venv" / "bin" / "python")
+    make_wheel(tmp_path / "wheels")
+    site = tmp_path / "site"
+    assert gpu_run.install_wheels(tmp_path / "wheels", site, py)["status"] == "ok"
+    done = subprocess.run([py, "-c", "import roseprobe; print(roseprobe.VALUE)"], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert done.stdout.strip() == "42", done.stderr
+
+
 def test_carried_wheels_install_into_the_site_folder(gpu_run, tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
