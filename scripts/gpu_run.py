@@ -383,6 +383,17 @@ def model_targets(results: dict) -> list[dict]:
     return rows
 
 
+def linear_speedups(results: dict) -> list[dict]:
+    """Dense time over sparse time per (dtype, shape, tokens) and sparse backend, from `bench linear`."""
+    rows: dict[tuple, dict] = {}
+    for r in results.get("records", []):
+        if r["status"] == "ok" and "median_ms_ratio" in r:
+            key = (r["dtype"], f"{r['shape'][0]}x{r['shape'][1]}", r["tokens"])
+            rows.setdefault(key, {"dtype": key[0], "shape": key[1], "tokens": key[2]})[r["backend"]] = \
+                round(r["median_ms_ratio"], 3)
+    return [rows[k] for k in sorted(rows)]
+
+
 # ---- the run -------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -473,7 +484,7 @@ def summarize_step(step: Step, result: dict) -> dict:
             found = {"targets": model_targets(json.loads((w / "model" / "results.json").read_text()))}
         elif step.name == "bench_linear":
             doc = json.loads((w / "linear" / "results.json").read_text())
-            found = {"skipped": doc["skipped"], "statuses": {}}
+            found = {"skipped": doc["skipped"], "statuses": {}, "speedups": linear_speedups(doc)}
             for r in doc["records"]:
                 found["statuses"][r["status"]] = found["statuses"].get(r["status"], 0) + 1
         elif step.name == "profile":
@@ -515,6 +526,14 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {t['backend']} | {t['cuda_graphs']} | {t['prompt']} | {f(t['prefill_x'])} | "
                          f"{f(t['decode_x'])} | {f(t['linear_memory'], 3)} | {t['greedy_same']} | "
                          f"{t['prefill_target']}, {t['decode_target']}, {t['memory_target']} |")
+    speedups = (found.get("bench_linear") or {}).get("speedups")
+    if speedups:
+        names = sorted({k for row in speedups for k in row} - {"dtype", "shape", "tokens"})
+        lines += ["", "bench linear, dense time / sparse time (CUDA graphs; above 1: sparse faster):", "",
+                  "| dtype | shape | tokens | " + " | ".join(names) + " |", "|---|---|---:|" + "---:|" * len(names)]
+        for row in speedups:
+            lines.append(f"| {row['dtype']} | {row['shape']} | {row['tokens']} | "
+                         + " | ".join(str(row.get(n, "-")) for n in names) + " |")
     tri = found.get("triton24") or {}
     if tri.get("summary"):
         lines += ["", f"Triton decode kernel (copy {tri.get('copy_gbps') or 0:.0f} GB/s): correctness ok = {tri['ok']}",

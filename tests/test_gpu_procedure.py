@@ -268,6 +268,22 @@ def test_model_targets_read_off_bench_results(gpu_run):
     assert rows[("gpu24", 512, False)]["memory_target"] is None and len(rows) == 3
 
 
+def test_linear_speedups_and_the_markdown(gpu_run):
+    doc = {"records": [
+        {"status": "ok", "backend": "gpu24", "dtype": "fp16", "shape": [4096, 4096], "tokens": 1, "median_ms_ratio": 1.5},
+        {"status": "ok", "backend": "cusparselt", "dtype": "fp16", "shape": [4096, 4096], "tokens": 1,
+         "median_ms_ratio": 0.8},
+        {"status": "ok", "backend": "torch-cuda", "dtype": "fp16", "shape": [4096, 4096], "tokens": 1},
+        {"status": "skipped", "backend": "triton24", "dtype": "fp16", "shape": [4096, 4096], "tokens": 64}]}
+    rows = gpu_run.linear_speedups(doc)
+    assert rows == [{"dtype": "fp16", "shape": "4096x4096", "tokens": 1, "gpu24": 1.5, "cusparselt": 0.8}]
+    summary = {"call": 1, "env": {}, "seconds": 1.0, "deadline": 280,
+               "steps": [{"name": "bench_linear", "status": "ok", "expect": 90, "budget": 200,
+                          "found": {"speedups": rows}}]}
+    md = gpu_run.markdown(summary)
+    assert "| dtype | shape | tokens | cusparselt | gpu24 |" in md and "| fp16 | 4096x4096 | 1 | 0.8 | 1.5 |" in md
+
+
 # ---- rose pieces of the GPU path -------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not VALID.is_file(), reason="shared WikiText-2 files not present")
