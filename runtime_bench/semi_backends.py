@@ -21,8 +21,9 @@ def refused(backend: str, weight, dtype: torch.dtype) -> None:
     from runtime.errors import first_line
 
     try:
-        torch.nn.functional.linear(torch.ones(16, weight.shape[1], dtype=dtype, device="cuda"), weight)
-        torch.cuda.synchronize()
+        torch.nn.functional.linear(torch.ones(16, weight.shape[1], dtype=dtype, device=weight.device), weight)
+        if weight.is_cuda:
+            torch.cuda.synchronize()
     except (RuntimeError, NotImplementedError) as exc:
         raise Unsupported(f"{backend} refused on this GPU: {first_line(exc)[:200]}") from None
 

@@ -108,6 +108,45 @@ def test_gpu_24_backends_say_why_they_cannot_run_here(tmp_path):
     assert {r["backend"] for r in doc["records"]} == {"torch-cpu"}
 
 
+def test_a_backend_this_gpu_refuses_is_a_skipped_case(monkeypatch):
+    """CUTLASS's 2:4 kernels refuse Hopper with a RuntimeError at the first product: the builders turn that into
+    Unsupported (skipped records with PyTorch's reason), not errors."""
+    from runtime_bench.registry import Unsupported
+    from runtime_bench.semi_backends import refused
+
+    def refuse(x, w, b=None):
+        raise RuntimeError("sparse_semi_structured_mad_op: Supported only on GPUs with compute capability 8.x\nmore")
+
+    weight = torch.ones(32, 64, dtype=torch.float16)
+    refused("cutlass", weight, torch.float16)                          # a product that works: nothing raised
+    monkeypatch.setattr(torch.nn.functional, "linear", refuse)
+    with pytest.raises(Unsupported, match=r"^cutlass refused on this GPU: sparse_semi_structured_mad_op: Supported "
+                                          r"only on GPUs with compute capability 8.x$"):
+        refused("cutlass", weight, torch.float16)
+
+
+def test_references_and_random_models_live_where_the_backends_run():
+    from runtime_bench.backends import BACKENDS
+    from runtime_bench.model_bench import reference_device
+    from runtime_bench.source import ModelSource, clone, same_device
+
+    assert reference_device([BACKENDS["torch-cpu"], BACKENDS["cpp"]]) == "cpu"
+    assert reference_device([BACKENDS["torch-cpu"], BACKENDS["gpu24"]]) == "cuda"
+    assert same_device("cpu", torch.device("cpu")) and not same_device("cuda", torch.device("cpu"))
+    source = ModelSource.random("tiny", 1, 3)
+    a = source.dense_fp32()
+    assert source.parameters() == sum(p.numel() for p in {id(p): p for p in a.parameters()}.values())
+    source.release()
+    b = source.dense_fp32()                                            # rebuilt bit for bit from the seed
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    half = clone(b, "cpu", torch.bfloat16)
+    assert half is not b and next(half.parameters()).dtype == torch.bfloat16
+    assert half.lm_head.weight is half.model.embed_tokens.weight       # tied again
+    assert torch.equal(half.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight.bfloat16())
+    assert clone(b, "cpu", torch.float32) is b
+    source.check_reference_fits()                                      # on the CPU: nothing to check
+
+
 def test_presets_cover_the_issue_and_give_llama_shapes():
     from runtime_bench.presets import PRESETS, preset_shapes
 
