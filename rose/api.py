@@ -14,6 +14,7 @@ from .data import calibration_windows, evaluation_tokens, load_rows
 from .errors import RoseError
 from .eval import perplexity
 from .models import check_context, check_seqlen, load_model
+from .offload import full_fp32
 from .outputs import atomic_output
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def evaluate(model, tokenizer, data: str, seqlen: int, max_tokens: int | None, d
     ids = evaluation_tokens(tokenizer, data, rows)
     model.to(device)
     try:
-        result = perplexity(model, ids, seqlen, max_tokens, device=device, progress=progress)
+        with full_fp32():
+            result = perplexity(model, ids, seqlen, max_tokens, device=device, progress=progress)
     finally:
         model.to("cpu")
     return {"data": data, **result}

@@ -23,7 +23,7 @@ from .arch import all_sublayers, decoder_layers, get_weight, linear_sublayers, s
 from .config import PruneConfig
 from .errors import RoseError
 from .methods import Candidate, layer_guard, prune_weight
-from .offload import all_but_on_device, calibration_mode, on_device, to_device
+from .offload import all_but_on_device, calibration_mode, full_fp32, on_device, to_device
 from .solver import reconstruction_error
 from .stats import InputStats
 
@@ -124,7 +124,7 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
     records: list[dict] = []
     layers = decoder_layers(model)
     guard = layer_guard(cfg)  # a strategy of the method (`--order best`), or None
-    with calibration_mode(model):
+    with calibration_mode(model), full_fp32():
         inputs, kwargs = capture_inputs(model, calib, device)
         kwargs = to_device(kwargs, device)
         for idx, layer in enumerate(tqdm(layers, desc=f"{cfg.method} {cfg.sparsity}", disable=not progress)):

@@ -49,13 +49,37 @@ def _quiet_datasets():
         datasets.logging.set_verbosity(level)
 
 
+def text_rows(path: Path) -> list[str]:
+    """The rows `datasets`' text builder gives for a local text file, read without `datasets`: the file read as
+    UTF-8 with universal newlines, split at each newline, the newline dropped (then `load_rows` keeps the rows that
+    are not blank). For machines where `datasets` cannot be imported (the GPU image has none)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().split("\n")
+
+
+def _datasets():
+    """The `datasets` module, or None where it cannot be imported."""
+    try:
+        import datasets
+    except Exception:  # noqa: BLE001 - missing, or broken beside this pyarrow: local text files do without it
+        return None
+    return datasets
+
+
 def load_rows(source: str, split: str = "train") -> list[str]:
     """Text rows of a local file (one row per line for text, the `text` field otherwise) or a hub dataset."""
-    import datasets
-
-    datasets.disable_progress_bars()
     check_sources(source)
     path = Path(source).expanduser()
+    datasets = _datasets()
+    if datasets is None:
+        if is_local(source) and LOCAL_BUILDERS.get(path.suffix, "text") == "text":
+            try:
+                return [t for t in text_rows(path) if t and t.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise RoseError(f"cannot load data {source!r} ({first_line(exc)})") from None
+        raise RoseError(f"reading {source!r} needs the datasets package, which cannot be imported here: pip install "
+                        f"datasets, or pass a local .txt file")
+    datasets.disable_progress_bars()
     try:
         if is_local(source):
             builder = LOCAL_BUILDERS.get(path.suffix, "text")

@@ -23,6 +23,19 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """fp32 matmuls in full fp32 on CUDA for the duration (TF32 off in cuBLAS and cuDNN, restored afterwards).
+    The statistics and the solver are fp32 by design; a process that enabled TF32 (a training script, say) would
+    otherwise round the Hessians to 10-bit mantissas on the GPU, and only there."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@contextlib.contextmanager
 def on_device(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
     """Move `module` to `device` for the duration, then back to where it was."""
     home = next(module.parameters()).device

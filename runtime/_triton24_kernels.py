@@ -134,6 +134,46 @@ def sparse24_kernel(
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+def expand24_kernel(p_ptr, m_ptr, d_ptr, N, K, stride_pn, stride_mn, stride_dn,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dense matrix of one BLOCK_N x BLOCK_K tile of a packed weight, written as 32-bit words of column pairs
+    (`d_ptr` is the dense fp16/bf16 matrix read as int32, R x K/2): the same expansion as the decode kernel's
+    tensor-core variant, stored instead of multiplied. For prefill when only the kernel's layout is held: the dense
+    weight goes to a scratch buffer that cuBLAS then reads."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BW: tl.constexpr = BLOCK_K // 32
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = pid_k * BW + tl.arange(0, BW)
+    gg = 8 * rw[:, None] + tl.arange(0, 8)[None, :]                     # (word, nibble) -> group
+    row_ok = rn < N
+    words = tl.load(m_ptr + rn[:, None] * stride_mn + rw[None, :], mask=row_ok[:, None] & (rw[None, :] * 32 < K),
+                    other=0)
+    nib = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15
+    g_ok = row_ok[:, None, None] & (gg[None, :, :] < K // 4)
+    kv = tl.load(p_ptr + rn[:, None, None] * stride_pn + gg[None, :, :], mask=g_ok, other=0)
+    kv = kv.to(tl.uint32, bitcast=True)
+    nu = nib.to(tl.uint32, bitcast=True)
+    spread = nu | (nu << 15)
+    m01 = (spread & 0x10001) * 0xFFFF
+    m23 = ((spread >> 2) & 0x10001) * 0xFFFF
+    w01 = tl.where((nib & 1) != 0, kv, kv << 16) & m01
+    w23 = tl.where((nib & 8) != 0, kv, kv >> 16) & m23
+    wp = tl.reshape(tl.join(w01, w23), (BLOCK_N, BLOCK_K // 2)).to(tl.int32, bitcast=True)
+    cw = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)             # word = column pair
+    tl.store(d_ptr + rn[:, None] * stride_dn + cw[None, :], wp, mask=row_ok[:, None] & (cw[None, :] < K // 2))
+
+
+def compiled_expand():
+    return triton.jit(expand24_kernel)
+
+
+def interpreted_expand():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(expand24_kernel)
+
+
 def compiled():
     """The kernel for CUDA tensors (Triton's JIT; with `TRITON_INTERPRET=1` Triton makes that the interpreter too)."""
     return triton.jit(sparse24_kernel)
@@ -193,3 +233,20 @@ def compile_for_sm(capability: int = 90, dtype: str = "fp16", use_dot: bool = Tr
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
+
+
+def compile_expand_for_sm(capability: int = 90, block_n: int = 32, block_k: int = 128, num_warps: int = 4):
+    """`expand24_kernel` through Triton's NVIDIA backend for a compute capability, without a GPU (as
+    `compile_for_sm`)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(expand24_kernel)
+    consts = {"BLOCK_N": block_n, "BLOCK_K": block_k}
+    ptrs = {"p_ptr": "i32", "m_ptr": "i32", "d_ptr": "i32"}
+    sig = {n: f"*{ptrs[n]}" if n in ptrs else "constexpr" if n in consts else "i32" for n in fn.arg_names}
+    aligned = [n for n in fn.arg_names if n in ptrs or n.startswith("stride") or n == "K"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": True})

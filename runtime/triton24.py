@@ -120,8 +120,8 @@ def mask_words(cols: int) -> int:
     return -(-cols // 128) * (ROW_BYTES // 4)
 
 
-def _locks(rows: int) -> torch.Tensor:
-    return torch.zeros(-(-rows // 8), dtype=torch.int32)
+def _locks(rows: int, device=None) -> torch.Tensor:
+    return torch.zeros(-(-rows // 8), dtype=torch.int32, device=device)
 
 
 def _check_shape(rows: int, cols: int, name: str) -> None:
@@ -161,7 +161,7 @@ def _masks_from_bitmask(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
     if sys.byteorder != "little":  # pragma: no cover - every CUDA host is little-endian
         raise RoseRuntimeError("the Triton 2:4 packer reads the bitmask as little-endian words")
     rows = bitmask.shape[0]
-    out = torch.zeros(rows, mask_words(cols) * 4, dtype=torch.uint8)
+    out = torch.zeros(rows, mask_words(cols) * 4, dtype=torch.uint8, device=bitmask.device)
     out[:, : bitmask.shape[1]] = bitmask
     if cols % 8:  # the last byte holds one group: clear the nibble past the last column
         out[:, bitmask.shape[1] - 1] &= 0x0F
@@ -175,30 +175,32 @@ def _nibbles(masks: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def pack_dense(weight: torch.Tensor, name: str = "weight") -> Packed:
-    """The kernel's layout of a dense 2:4 matrix, built on the CPU (a CUDA weight is copied to the CPU first).
-    Columns must be a multiple of 4; a group with more than two nonzeros is an error naming its row and columns."""
+    """The kernel's layout of a dense 2:4 matrix, built on the weight's own device with plain tensor operations
+    (the same bytes on the CPU and on a GPU; a 7B model packs on the GPU in seconds). Columns must be a multiple of
+    4; a group with more than two nonzeros is an error naming its row and columns."""
     if weight.dim() != 2:
         raise RoseRuntimeError(f"{name}: a 2:4 weight must be 2-D, got shape {tuple(weight.shape)}")
     _check_dtype(weight.dtype, name)
     rows, cols = weight.shape
     _check_shape(rows, cols, name)
-    W = weight.detach().cpu().contiguous()
+    W = weight.detach().contiguous()
+    dev = W.device
     groups = W.reshape(rows, cols // 4, 4)
-    shift = torch.arange(4, dtype=torch.uint8)
+    shift = torch.arange(4, dtype=torch.uint8, device=dev)
     nz = ((groups != 0).to(torch.uint8) << shift).sum(-1, dtype=torch.uint8)
-    count = _POPCOUNT[nz.long()]
+    count = _POPCOUNT.to(dev)[nz.long()]
     bad = (count > 2).flatten().nonzero()
     if len(bad):
         where = int(bad[0])
         raise RoseRuntimeError(f"{name} is not 2:4: {_where(where, cols // 4)} hold {int(count.flatten()[where])} "
                                f"nonzeros")
     signed = ((groups.view(torch.int16) != 0).to(torch.uint8) << shift).sum(-1, dtype=torch.uint8)
-    keep = _KEEP[(nz | signed << 4).long()]                                     # rows x groups nibbles
+    keep = _KEEP.to(dev)[(nz | signed << 4).long()]                             # rows x groups nibbles
     keep_cols = ((keep.unsqueeze(-1) >> shift) & 1).bool().reshape(rows, cols)
     values = W[keep_cols].reshape(rows, cols // 2)
     pad = keep if (cols // 4) % 2 == 0 else torch.cat([keep, keep.new_zeros(rows, 1)], dim=1)
     bitmask = pad[:, 0::2] | (pad[:, 1::2] << 4)
-    return Packed(values, _masks_from_bitmask(bitmask, cols), _locks(rows), rows, cols)
+    return Packed(values, _masks_from_bitmask(bitmask, cols), _locks(rows, dev), rows, cols)
 
 
 def pack_packed24(compressed: torch.Tensor, bitmask: torch.Tensor, shape, name: str = "weight") -> Packed:
@@ -411,6 +413,36 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *,
     return y.view(shape)
 
 
+EXPAND_BLOCK_N, EXPAND_BLOCK_K = 32, 128
+
+
+def expand(packed: Packed, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense matrix of `packed` on its device, by one Triton launch (on CPU tensors: Triton's interpreter, as
+    `linear`). `out` (a contiguous buffer of at least rows x cols elements of the weight's dtype, a shared scratch
+    say) receives it. For the prefill of a model that holds only this layout: expand, then a dense matmul."""
+    rows, cols = packed.rows, packed.cols
+    if out is None:
+        dense = torch.empty(rows, cols, dtype=packed.dtype, device=packed.device)
+    else:
+        if out.dtype != packed.dtype or out.device != packed.device or not out.is_contiguous() \
+                or out.numel() < rows * cols:
+            raise RoseRuntimeError(f"expand: out must be a contiguous {packed.dtype} buffer of at least {rows * cols} "
+                                   f"elements on {packed.device}")
+        dense = out.reshape(-1)[: rows * cols].view(rows, cols)
+    how = "interpreted" if packed.device.type == "cpu" else "compiled"
+    key = f"expand-{how}"
+    if key not in _KERNELS:
+        _kernel(packed.device)   # the same checks (Triton installed, the interpreter usable on the CPU)
+        from . import _triton24_kernels as k
+
+        _KERNELS[key] = k.interpreted_expand() if how == "interpreted" else k.compiled_expand()
+    words = dense.view(torch.int32)                           # rows x cols/2 column pairs
+    grid = (-(-rows // EXPAND_BLOCK_N), -(-cols // EXPAND_BLOCK_K))
+    _KERNELS[key][grid](packed.pairs, packed.masks, words, rows, cols, packed.pairs.stride(0), packed.masks.stride(0),
+                        words.stride(0), BLOCK_N=EXPAND_BLOCK_N, BLOCK_K=EXPAND_BLOCK_K, num_warps=4)
+    return dense
+
+
 # ---- the module --------------------------------------------------------------------------------------------------
 
 class Sparse24TritonLinear(nn.Module):
@@ -435,10 +467,10 @@ class Sparse24TritonLinear(nn.Module):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "weight",
                    dtype: torch.dtype | None = None, device=None) -> "Sparse24TritonLinear":
-        """Pack a dense 2:4 weight on the CPU (cast to `dtype` first if given), then move to `device`."""
+        """Pack a dense 2:4 weight on its own device (cast to `dtype` first if given), then move to `device`."""
         dtype = dtype or weight.dtype
         _check_dtype(dtype, name)
-        new = cls(pack_dense(weight.detach().cpu().to(dtype), name), bias, name)
+        new = cls(pack_dense(weight.detach().to(dtype), name), bias, name)
         return new.to(device) if device is not None else new
 
     @classmethod

@@ -6,9 +6,11 @@ backends).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,19 @@ class Settings:
     threads: int = 1
     seed: int = 0
     rss: bool = True  # CPU backends: peak RSS of a fresh subprocess
+    cuda_graphs: bool = True   # CUDA backends: time captured CUDA graphs (model: static cache; linear: one call)
+    eager_too: tuple = ()      # bench model: these CUDA backends are also timed eagerly, on the same weights
+
+
+@contextlib.contextmanager
+def fp32_exact() -> Iterator[None]:
+    """fp32 matmuls in full fp32 on the GPU for the duration (TF32 off for cuBLAS and cuDNN): the references."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def parse_counts(text: str, what: str) -> list[int]:
@@ -79,7 +94,9 @@ def prompt_ids(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double().cpu(), ref.double().cpu()
+    """||y - ref|| / ||ref|| in float64, on ref's device (a GPU gate stays on the GPU: an 8192 x 14336 output
+    would take seconds on the CPU)."""
+    y, ref = y.to(ref.device).double(), ref.double()
     if y.shape != ref.shape:
         return math.inf
     err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))

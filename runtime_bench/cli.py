@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from rose.clikit import quiet_option, setup_logging, stack
+from rose.config import parse_list
 from rose.errors import RoseError
 
 from .presets import PRESETS
@@ -31,6 +32,9 @@ def _common(warmup: int, iters: int):
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights and inputs."),
         click.option("--rss/--no-rss", default=True, show_default=True,
                      help="Peak RSS of a fresh subprocess per CPU backend (costs a process start each)."),
+        click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+                     help="CUDA backends: time CUDA-graph replays (model: static KV cache, prefill and decode graphs; "
+                          "falls back to eager, saying why, where capture fails)."),
         click.option("--out", type=click.Path(path_type=Path), required=True,
                      help="Directory for results.json, results.md and the PNG plots."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
@@ -79,8 +83,8 @@ def bench() -> None:
               help="OUTxIN[,OUTxIN...]: the shapes to time, or a subset of the preset's / model's shapes.")
 @click.option("--tokens", default=ALL_TOKENS, show_default=True, help="Token counts (rows of x).")
 @_common(warmup=3, iters=20)
-def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, threads, seed, rss, out, overwrite,
-               quiet) -> None:
+def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, threads, seed, rss, cuda_graphs, out,
+               overwrite, quiet) -> None:
     """y = x W^T with an exact 2:4 W: every backend gated against x @ (W*mask)^T, then timed."""
     from rose.outputs import check_output
 
@@ -116,7 +120,8 @@ def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, t
     check_output(out, overwrite, inputs)
     label = preset or (str(model) if model else "custom shapes")
     with _threads(threads) as n:
-        results = run_linear(table, token_counts, dtype_names, chosen, Settings(warmup, iters, n, seed, rss), label)
+        results = run_linear(table, token_counts, dtype_names, chosen,
+                             Settings(warmup, iters, n, seed, rss, cuda_graphs), label)
     _finish(results, out, overwrite, inputs)
 
 
@@ -130,9 +135,12 @@ def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, t
 @click.option("--batch", default="1", show_default=True, help="Batch sizes.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Greedy tokens decoded with the KV cache after the prefill.")
+@click.option("--eager-too", default=None,
+              help="With --cuda-graphs: these CUDA backends (comma-separated) are also gated and timed eagerly, on the "
+                   "same weights.")
 @_common(warmup=2, iters=10)
-def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens, dtypes, backends, warmup, iters,
-              threads, seed, rss, out, overwrite, quiet) -> None:
+def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens, eager_too, dtypes, backends, warmup,
+              iters, threads, seed, rss, cuda_graphs, out, overwrite, quiet) -> None:
     """End to end: prefill latency, time to first token, decode tokens/s and peak memory per backend."""
     from rose.outputs import check_output
 
@@ -150,12 +158,16 @@ def model_cmd(pruned, preset, random, layers, prompt_lens, batch, decode_tokens,
         raise RoseError("pass --pruned DIR, or --config PRESET --random for a random-weight 2:4 model")
     if layers and pruned is not None:
         raise RoseError("--layers applies to --random models only")
+    eager = tuple(parse_list(eager_too, "--eager-too", choices=[b.name for b in chosen], what="backend")
+                  ) if eager_too else ()
+    if eager and not cuda_graphs:
+        raise RoseError("--eager-too adds an eager run beside the graphed one: it needs --cuda-graphs")
     source = ModelSource.pruned(pruned) if pruned is not None else ModelSource.random(preset, layers, seed)
     inputs = [("--pruned", pruned)]
     check_output(out, overwrite, inputs)
     with _threads(threads) as n:
         results = run_model(source, lens, batches, decode_tokens, dtype_names, chosen,
-                            Settings(warmup, iters, n, seed, rss))
+                            Settings(warmup, iters, n, seed, rss, cuda_graphs, eager))
     _finish(results, out, overwrite, inputs)
 
 

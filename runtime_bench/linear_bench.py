@@ -3,13 +3,14 @@ x @ (W*mask)^T, every backend gated on its error and then timed interleaved, per
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 
 from .registry import Backend, Unsupported
-from .cases import (DTYPES, LINEAR_TOL, Settings, add_ratios, bandwidths, document, linear_input, linear_weight,
-                    one_line, record, rel_error, split_available)
+from .cases import (DTYPES, LINEAR_TOL, Settings, add_ratios, bandwidths, document, fp32_exact, linear_input,
+                    linear_weight, one_line, record, rel_error, split_available)
 from .memory import cuda_peak, peak_rss
 from .presets import Shape
 from .report import environment
@@ -43,17 +44,42 @@ def run_linear(shapes: dict[Shape, list[str]], tokens: list[int], dtypes: list[s
             if settings.rss:
                 _attach_rss(records, ops, base, dname, max(tokens), settings)
     add_ratios(records, ("shape", "dtype", "tokens"), {"median_ms": True})
-    return document("linear", backends, skipped, env, settings, records, source=label)
+    extra = {}
+    if "runtime.gpu24" in sys.modules:
+        extra["gpu24_algorithms"] = sys.modules["runtime.gpu24"].ALGOS.report()
+    return document("linear", backends, skipped, env, settings, records, source=label, **extra)
+
+
+def graphed(fn, x, capture=None):
+    """`fn(x)` captured once as a CUDA graph (after two warm-up calls on a side stream): what gets timed is its
+    replay, so per-call host work (cuSPARSELt's plan set-up, Python) is gone for every backend alike. Returns the
+    replay and None, or `fn` itself and why capture failed."""
+    from runtime.generate import CudaGraphs
+
+    capturer = capture or CudaGraphs()
+    try:
+        capturer.warmup(lambda: fn(x))
+        replay = capturer.capture(lambda: fn(x))
+        return (lambda _: replay()), None
+    except Exception as exc:  # noqa: BLE001 - some ops refuse capture: time them eagerly, and say so
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return (lambda _: fn(x)), one_line(exc)
 
 
 def _linear_case(ops: dict, env: dict, base: dict, W: torch.Tensor, Wr: torch.Tensor, dtype: torch.dtype,
                  tol: float, settings: Settings) -> list[dict[str, Any]]:
     x = linear_input(base["tokens"], W.shape[1], settings.seed, dtype)
-    ref = (x.to(Wr.device) @ Wr.T).cpu()
+    with fp32_exact():
+        ref = x.to(Wr.device) @ Wr.T          # on the GPU when CUDA backends run: the gate compares there
     out, contenders = {}, {}
     for name, (b, op) in ops.items():
         extra = {"weight_bytes": op.weight_bytes, "tolerance": tol,
-                 **({"weight_file_bytes": op.file_bytes} if op.file_bytes is not None else {})}
+                 **({"weight_file_bytes": op.file_bytes} if op.file_bytes is not None else {}), **(op.info or {})}
+        if op.max_tokens is not None and base["tokens"] > op.max_tokens:
+            out[name] = record(b, env, base, "skipped", reason=f"takes at most {op.max_tokens} tokens (rows of x)",
+                               **extra)
+            continue
         try:
             xi = op.to_input(x)
             err = rel_error(op.to_output(op.fn(xi)), ref)
@@ -63,8 +89,12 @@ def _linear_case(ops: dict, env: dict, base: dict, W: torch.Tensor, Wr: torch.Te
         if err > tol:
             out[name] = record(b, env, base, "wrong", error=err, **extra)
             continue
-        out[name] = record(b, env, base, "ok", error=err, **extra)
-        contenders[name] = Timed(run=lambda _, f=op.fn, a=xi: f(a), cuda=op.cuda)
+        run, timing = (lambda _, f=op.fn, a=xi: f(a)), "eager"
+        if op.cuda and settings.cuda_graphs:
+            run, why = graphed(op.fn, xi)
+            timing = "cuda graph" if why is None else f"eager (capture failed: {why})"
+        out[name] = record(b, env, base, "ok", error=err, timing=timing, **extra)
+        contenders[name] = Timed(run=run, cuda=op.cuda)
     for name, stats in interleaved(contenders, settings.warmup, settings.iters).items():
         r, (b, op) = out[name], ops[name]
         r.update(stats)

@@ -28,10 +28,12 @@ class LinearOp:
 
     fn: Callable[[Any], Any]
     to_input: Callable[[torch.Tensor], Any]      # fp32 CPU x (already rounded to the dtype) -> what fn takes
-    to_output: Callable[[Any], torch.Tensor]     # fn's result -> fp32 CPU tensor
+    to_output: Callable[[Any], torch.Tensor]     # fn's result -> fp32 tensor (on its device: the gate compares there)
     weight_bytes: int                            # bytes of weights held (and read once per call)
     file_bytes: int | None = None                # serialized size, where the backend has a file format
     cuda: bool = False                           # time with CUDA events
+    max_tokens: int | None = None                # more rows of x are not taken (a decode kernel): skipped cases
+    info: dict | None = None                     # what the record should also say (the stored form, say)
 
 
 @dataclass(frozen=True)

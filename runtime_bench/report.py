@@ -57,7 +57,7 @@ def stamp(env: dict[str, Any], device: str) -> dict[str, Any]:
     """The fields stamped into every record."""
     return {"device_name": env["gpu"] if device == "cuda" else env["cpu_model"], "threads": env["threads"],
             "torch": env["torch"], "onnxruntime": env["onnxruntime"], "cuda": env["cuda"], "driver": env["driver"],
-            "cpu_model": env["cpu_model"]}
+            "cusparselt": env.get("cusparselt"), "cpu_model": env["cpu_model"]}
 
 
 def write(out: Path, results: dict[str, Any]) -> list[Path]:
@@ -112,7 +112,8 @@ def linear_markdown(results: dict) -> str:
         for r in sorted(recs, key=lambda r: (r["tokens"], r["backend"])):
             ratio = _f(r.get("median_ms_ratio"), ".2f") + (f" vs {r['baseline']}" if "median_ms_ratio" in r else "")
             bw = f"{r['weight_gbs']:.1f} (copy {r['copy_gbs']:.1f})" if "weight_gbs" in r else ""
-            lines.append(f"| {r['tokens']} | {r['backend']} | {_f(r.get('median_ms'), '.4f')} | "
+            name = r["backend"] + (" (graph)" if r.get("timing") == "cuda graph" else "")
+            lines.append(f"| {r['tokens']} | {name} | {_f(r.get('median_ms'), '.4f')} | "
                          f"{_f(r.get('iqr_ms'), '.4f')} | {ratio} | {_f(r.get('error'), '.1e')} | "
                          f"{_mb(r.get('weight_bytes'))} | {bw} | {_mb(r.get('peak_rss_bytes'))} | {_status(r)} |")
         lines.append("")
@@ -123,6 +124,14 @@ def _yes(flag) -> str:
     return "" if flag is None else ("yes" if flag else "no")
 
 
+def _variant(r: dict) -> str:
+    """The backend, and on CUDA whether it ran as CUDA graphs; a graph capture that failed is marked."""
+    graphs = r.get("cuda_graphs")
+    tag = "" if graphs is None else (" (graphs)" if graphs and not r.get("graph_error") else
+                                     " (graphs failed: eager)" if graphs else " (eager)")
+    return r["backend"] + tag
+
+
 def model_markdown(results: dict) -> str:
     lines = _header(results, "End-to-end benchmark: prefill, time to first token, decode with KV cache")
     if results.get("formats_bytes"):
@@ -131,10 +140,11 @@ def model_markdown(results: dict) -> str:
     lines += ["| dtype | batch | prompt | backend | prefill ms (IQR) | TTFT ms | decode tok/s | prefill dense/sparse "
               "| decode sparse/dense | linear weights MB | peak mem MB | rel. error | greedy = dense | status |",
               "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in sorted(results["records"], key=lambda r: (r["dtype"], r["batch"], r["tokens"], r["backend"])):
+    for r in sorted(results["records"], key=lambda r: (r["dtype"], r["batch"], r["tokens"], r["backend"],
+                                                       r.get("cuda_graphs") is False)):
         mem = r.get("cuda_peak_bytes", r.get("peak_rss_bytes"))
         iqr = f" ({r['prefill_iqr_ms']:.3f})" if "prefill_iqr_ms" in r else ""
-        lines.append(f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {r['backend']} | "
+        lines.append(f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {_variant(r)} | "
                      f"{_f(r.get('prefill_ms'))}{iqr} | "
                      f"{_f(r.get('ttft_ms'))} | {_f(r.get('decode_tokens_per_s'), '.1f')} | "
                      f"{_f(r.get('prefill_ms_ratio'), '.2f')} | {_f(r.get('decode_tokens_per_s_ratio'), '.2f')} | "
@@ -142,7 +152,12 @@ def model_markdown(results: dict) -> str:
                      f"{_yes(r.get('greedy_same_as_dense'))} | {_status(r)} |")
     lines += ["", f"Decode: {results['records'][0]['decode_tokens'] if results['records'] else 0} greedy tokens per "
               f"sequence after an untimed prefill; tokens/s counts every sequence of the batch. Peak memory: CUDA "
-              f"max allocated on GPU backends, peak RSS of a fresh subprocess on CPU backends.", ""]
+              f"max allocated on GPU backends, peak RSS of a fresh subprocess on CPU backends. (graphs): CUDA-graph "
+              f"replay with a static KV cache (runtime/generate.py); (eager): the same weights, eager, DynamicCache.",
+              ""]
+    errors = {_variant(r): r["graph_error"] for r in results["records"] if r.get("graph_error")}
+    if errors:
+        lines += ["Graph capture failures (these ran eagerly):", ""] + [f"- {k}: {v}" for k, v in errors.items()] + [""]
     return "\n".join(lines)
 
 
@@ -187,7 +202,7 @@ def linear_plots(results: dict, out: Path) -> list[Path]:
 
 
 def model_plots(results: dict, out: Path) -> list[Path]:
-    ok = [r for r in results["records"] if r["status"] == "ok"]
+    ok = [{**r, "backend": _variant(r)} for r in results["records"] if r["status"] == "ok"]
     if not ok:
         return []
     key = lambda r: f"{r['dtype']} b{r['batch']} p{r['tokens']}"  # noqa: E731

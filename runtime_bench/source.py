@@ -1,5 +1,14 @@
 """Where a benchmark's weights come from: a pruned or prune-and-export directory, or a preset with random 2:4
-weights; the dense fp32 model of those weights is the correctness reference."""
+weights; the dense fp32 model of those weights is the correctness reference.
+
+The reference lives on `ref_device`: the CPU, or the GPU when the benchmark runs CUDA backends. A 7B model in
+fp32 is 27 GB: built on the CPU and moved, it would take minutes and most of a small machine's memory, so random
+presets are built straight on the reference device (initialised there, masked there). On the GPU the reference
+is as exact as on the CPU (fp32 with TF32 off, `fp32_exact`; only the order of summation differs, ~1e-6 relative,
+far inside the gate's tolerances), and it is the very model that is timed, with all its layers: a truncated
+model would gate a different model than the one measured. It is released before timing (`release`), so it
+counts in no backend's memory figures; `check_reference_fits` refuses, in one line, a reference that would take
+more than half of the GPU's free memory (pass --layers N then)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,6 +33,7 @@ class ModelSource:
     preset: str | None = None
     layers: int | None = None
     seed: int = 0
+    ref_device: str = "cpu"
     _dense: Any = None
 
     @classmethod
@@ -66,7 +76,8 @@ class ModelSource:
         return (hf_config(self.preset, self.layers) if self.preset else AutoConfig.from_pretrained(self.hf)).vocab_size
 
     def dense_fp32(self):
-        """The dense fp32 CPU model (zeros in place): the reference of the correctness gate. Built once."""
+        """The dense fp32 model on `ref_device` (zeros in place): the reference of the correctness gate. Built once
+        (again after `release`: random presets are rebuilt bit for bit from the seed)."""
         if self._dense is None:
             from transformers import AutoModelForCausalLM
 
@@ -74,15 +85,36 @@ class ModelSource:
 
             if self.preset is None:
                 self._dense = AutoModelForCausalLM.from_pretrained(self.hf, dtype=torch.float32).eval()
+                self._dense.to(self.ref_device)
             else:
-                self._dense = _random_24(self.preset, self.layers, self.seed)
+                self.check_reference_fits()
+                self._dense = _random_24(self.preset, self.layers, self.seed, self.ref_device)
         return self._dense
+
+    def parameters(self) -> int:
+        """Parameters of the model (counted on the meta device)."""
+        from rose.models import load_config, meta_model
+
+        config = hf_config(self.preset, self.layers) if self.preset else load_config(self.hf)
+        seen = {id(p): p.numel() for p in meta_model(config).parameters()}
+        return sum(seen.values())
+
+    def check_reference_fits(self) -> None:
+        """A one-line error when the fp32 reference would take more than half the free memory of its GPU."""
+        if not str(self.ref_device).startswith("cuda"):
+            return
+        need = 4 * self.parameters()
+        free, _ = torch.cuda.mem_get_info(torch.device(self.ref_device))
+        if need > free // 2:
+            raise RoseError(f"the fp32 reference of {self.label} needs {need / 1e9:.1f} GB of GPU memory, more than "
+                            f"half of the {free / 1e9:.1f} GB free beside the benchmarked models: use --layers N for "
+                            f"fewer decoder layers")
 
     def model(self, device: str, dtype: torch.dtype):
         """The dense model on `device` in `dtype`, loaded directly in that dtype where possible."""
         from transformers import AutoModelForCausalLM
 
-        if (device, dtype) == ("cpu", torch.float32) or self.preset is not None:
+        if (device, dtype) == (self.ref_device, torch.float32) or self.preset is not None:
             return clone(self.dense_fp32(), device, dtype)
         _quiet_transformers()
         return AutoModelForCausalLM.from_pretrained(self.hf, dtype=dtype).to(device).eval()
@@ -102,28 +134,47 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _random_24(preset: str, layers: int | None, seed: int):
+def _random_24(preset: str, layers: int | None, seed: int, device: str = "cpu"):
+    """A preset's model with random weights, initialised on `device` (no CPU copy of a 7B model), its prunable
+    linears made 2:4 by magnitude there. Deterministic for a seed and device (the CPU and CUDA generators differ)."""
     from transformers import AutoModelForCausalLM
 
     from rose.arch import all_sublayers
     from rose.masks import nm_mask
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(preset, layers), dtype=torch.float32).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config(preset, layers), dtype=torch.float32).eval()
     with torch.no_grad():
         for module in all_sublayers(model).values():
             module.weight.masked_fill_(nm_mask(module.weight.abs(), 2, 4), 0.0)
     return model
 
 
+def same_device(a, b) -> bool:
+    """`cuda` and `cuda:0` are the same device when 0 is the current one."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def clone(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of `model` on `device` in `dtype` (the source model itself when nothing changes)."""
+    """A copy of `model` on `device` in `dtype` (the source model itself when nothing changes). The copy is built
+    empty (no random initialisation of weights that are overwritten anyway) and given converted tensors."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    if device == "cpu" and dtype == next(model.parameters()).dtype:
+    first = next(model.parameters())
+    if same_device(device, first.device) and dtype == first.dtype:
         return model
-    with torch.device(device):
+    with init_empty_weights(include_buffers=False):
         copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    copy.load_state_dict(model.state_dict(), strict=False)
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+             for k, v in model.state_dict().items()}
+    copy.load_state_dict(state, strict=False, assign=True)
     copy.tie_weights()
-    return copy.eval()
+    return copy.to(device).eval()

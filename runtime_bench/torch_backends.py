@@ -16,15 +16,27 @@ def sparse_bytes(t: torch.Tensor) -> int:
     return sum(p.nbytes for p in parts) if parts else t.nbytes
 
 
+def _packed_bytes(module: torch.nn.Module) -> int | None:
+    """Weight bytes of one of rose's packed modules (C++, Triton or GPU 2:4 layers), None for anything else."""
+    held = getattr(module, "weight_bytes", None)
+    if isinstance(held, int):  # they count their bias there; it is counted once, with the parameters
+        bias = getattr(module, "bias", None)
+        return held - (bias.nbytes if isinstance(bias, torch.Tensor) else 0)
+    return None
+
+
 def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight the model holds: parameters (SparseSemiStructuredTensors by their packed parts) and
+    the buffers of rose's packed modules."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += sparse_bytes(p.data if not hasattr(p, "packed") else p)
-    for m in model.modules():  # rose's C++ 2:4 modules hold their weights as buffers
-        if hasattr(m, "values") and hasattr(m, "masks") and isinstance(m.masks, torch.Tensor):
-            total += m.values.nbytes + m.masks.nbytes
+    for m in model.modules():
+        held = _packed_bytes(m)
+        if held is not None:
+            total += held
     return total
 
 
@@ -34,7 +46,8 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
 
     total = 0
     for m in all_sublayers(model).values():
-        total += m.values.nbytes + m.masks.nbytes if hasattr(m, "masks") else sparse_bytes(m.weight)
+        held = _packed_bytes(m)
+        total += held if held is not None else sparse_bytes(m.weight)
     return total
 
 
@@ -45,7 +58,7 @@ def _dense_linear(device: str) -> Callable[[torch.Tensor, torch.dtype, int], Lin
         Wd = W.to(device=device, dtype=dtype).contiguous()
         return LinearOp(fn=lambda x: torch.nn.functional.linear(x, Wd),
                         to_input=lambda x: x.to(device=device, dtype=dtype),
-                        to_output=lambda y: y.float().cpu(), weight_bytes=Wd.nbytes, cuda=device == "cuda")
+                        to_output=lambda y: y.float(), weight_bytes=Wd.nbytes, cuda=device == "cuda")
     return build
 
 
@@ -59,12 +72,15 @@ def _cpu_half_ok(dtype: torch.dtype) -> bool:
 
 class TorchRunner:
     """A transformers model behind the runner interface of `model_bench` (logits, prefill, first_token, start,
-    decode), greedy with a DynamicCache."""
+    decode), greedy with a DynamicCache, eagerly."""
 
-    def __init__(self, model: torch.nn.Module, device: str):
+    graphs = False
+
+    def __init__(self, model: torch.nn.Module, device: str, info: dict | None = None):
         self.model, self.device, self.cuda = model.eval(), device, device == "cuda"
         self.weight_bytes, self.file_bytes = model_weight_bytes(model), None
         self.linear_bytes = linear_weight_bytes(model)
+        self.info = dict(info or {})
         from rose.models import cache_kwarg
 
         self.cache_kw = cache_kwarg(model)
@@ -100,6 +116,54 @@ class TorchRunner:
             token = self._forward(token, cache)[:, -1:].argmax(-1)
             tokens.append(token)
         return torch.cat(tokens, dim=1).cpu()
+
+    def prime(self, ids: torch.Tensor, steps: int) -> None:
+        """Anything a runner builds on first use for this case (graphs), done before timing; nothing here."""
+
+    def eager(self) -> "TorchRunner":
+        return self
+
+
+CAPTURE = None   # the capturer graphed runners use (None: CUDA graphs); tests set runtime.generate.Deferred
+
+
+class GraphedRunner(TorchRunner):
+    """The same model through `runtime.generate.GraphedGenerator`: a static KV cache, prefill and decode steps
+    replayed as CUDA graphs (falling back to eager, with the reason in `graph_error`, where capture fails)."""
+
+    graphs = True
+
+    def __init__(self, base: TorchRunner, max_len: int, capture=None):
+        from runtime.generate import GraphedGenerator
+
+        self.__dict__.update(base.__dict__)
+        self.base = base
+        self.gen = GraphedGenerator(base.model, max_len, capture=capture or CAPTURE)
+
+    @property
+    def graph_error(self) -> str | None:
+        return self.gen.graph_error
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.gen.prefill(ids).float().cpu()
+
+    def prefill(self, ids: torch.Tensor):
+        return self.gen.prefill(ids)
+
+    def start(self, ids: torch.Tensor):
+        return self.gen.start(ids)
+
+    def first_token(self, ids: torch.Tensor):
+        return self.gen.start(ids).cpu()
+
+    def decode(self, state, steps: int) -> torch.Tensor:
+        return self.gen.decode(steps)
+
+    def prime(self, ids: torch.Tensor, steps: int) -> None:
+        self.decode(self.start(ids), steps)   # captures the prefill graph of this length (and the decode step)
+
+    def eager(self) -> TorchRunner:
+        return self.base
 
 
 def _model(device: str):

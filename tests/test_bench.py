@@ -11,8 +11,9 @@ from conftest import make_pruned, one_line_error, run_cli as run
 
 CPU_BACKENDS = ["torch-cpu", "cpp", "onnx-cpu", "onnx-packed24-cpu", "onnx-sparse24-cpu"]
 GENAI_BACKENDS = ["genai-cpu", "genai-sparse24-cpu"]  # model benchmark only
-CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda"]
-STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cpu_model"]
+CUDA_BACKENDS = ["torch-cuda", "cusparselt", "cutlass", "onnx-cuda", "onnx-packed24-cuda", "triton24", "gpu24",
+                 "gpu24-cslt", "gpu24-triton"]
+STAMP = ["device_name", "threads", "torch", "onnxruntime", "cuda", "driver", "cusparselt", "cpu_model"]
 FAST = ["--iters", "2", "--warmup", "1"]
 
 
@@ -44,9 +45,12 @@ def by_backend(records: list[dict]) -> dict[str, list[dict]]:
 
 
 def assert_skipped_cuda(doc: dict):
+    """Every CUDA backend the run lists (triton24 has no model benchmark) is skipped here, with a reason."""
     if not torch.cuda.is_available():
-        assert set(CUDA_BACKENDS) <= set(doc["skipped"]) and all(doc["skipped"][b] for b in CUDA_BACKENDS)
-        assert all(not doc["backends"][b]["available"] for b in CUDA_BACKENDS)
+        listed = [b for b in CUDA_BACKENDS if b in doc["backends"]]
+        assert len(listed) >= len(CUDA_BACKENDS) - 1
+        assert set(listed) <= set(doc["skipped"]) and all(doc["skipped"][b] for b in listed)
+        assert all(not doc["backends"][b]["available"] for b in listed)
 
 
 # ---- bench linear --------------------------------------------------------------------------------------------
@@ -97,6 +101,57 @@ def test_linear_half_dtypes_gate_or_skip(tmp_path):
     assert onnx_bf16[0]["status"] == "skipped" and "bfloat16" in onnx_bf16[0]["reason"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given without CUDA")
+def test_gpu_24_backends_say_why_they_cannot_run_here(tmp_path):
+    out = tmp_path / "gpu24"
+    ok(run("bench", "linear", "--shapes", "32x64", "--tokens", "1,20", "--dtypes", "fp16", "--backends",
+           "torch-cpu,triton24,gpu24,gpu24-cslt,gpu24-triton", "--no-rss", *FAST, "--out", out))
+    doc = results(out)
+    for name in ("triton24", "gpu24", "gpu24-cslt", "gpu24-triton"):
+        assert doc["skipped"][name] == "no CUDA device here (torch.cuda.is_available() is False)"
+        assert doc["backends"][name]["baseline"] == "torch-cuda" and doc["backends"][name]["sparse"]
+    assert {r["backend"] for r in doc["records"]} == {"torch-cpu"}
+
+
+def test_a_backend_this_gpu_refuses_is_a_skipped_case(monkeypatch):
+    """CUTLASS's 2:4 kernels refuse Hopper with a RuntimeError at the first product: the builders turn that into
+    Unsupported (skipped records with PyTorch's reason), not errors."""
+    from runtime_bench.registry import Unsupported
+    from runtime_bench.semi_backends import refused
+
+    def refuse(x, w, b=None):
+        raise RuntimeError("sparse_semi_structured_mad_op: Supported only on GPUs with compute capability 8.x\nmore")
+
+    weight = torch.ones(32, 64, dtype=torch.float16)
+    refused("cutlass", weight, torch.float16)                          # a product that works: nothing raised
+    monkeypatch.setattr(torch.nn.functional, "linear", refuse)
+    with pytest.raises(Unsupported, match=r"^cutlass refused on this GPU: sparse_semi_structured_mad_op: Supported "
+                                          r"only on GPUs with compute capability 8.x$"):
+        refused("cutlass", weight, torch.float16)
+
+
+def test_references_and_random_models_live_where_the_backends_run():
+    from runtime_bench.backends import BACKENDS
+    from runtime_bench.model_bench import reference_device
+    from runtime_bench.source import ModelSource, clone, same_device
+
+    assert reference_device([BACKENDS["torch-cpu"], BACKENDS["cpp"]]) == "cpu"
+    assert reference_device([BACKENDS["torch-cpu"], BACKENDS["gpu24"]]) == "cuda"
+    assert same_device("cpu", torch.device("cpu")) and not same_device("cuda", torch.device("cpu"))
+    source = ModelSource.random("tiny", 1, 3)
+    a = source.dense_fp32()
+    assert source.parameters() == sum(p.numel() for p in {id(p): p for p in a.parameters()}.values())
+    source.release()
+    b = source.dense_fp32()                                            # rebuilt bit for bit from the seed
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    half = clone(b, "cpu", torch.bfloat16)
+    assert half is not b and next(half.parameters()).dtype == torch.bfloat16
+    assert half.lm_head.weight is half.model.embed_tokens.weight       # tied again
+    assert torch.equal(half.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight.bfloat16())
+    assert clone(b, "cpu", torch.float32) is b
+    source.check_reference_fits()                                      # on the CPU: nothing to check
+
+
 def test_presets_cover_the_issue_and_give_llama_shapes():
     from runtime_bench.presets import PRESETS, preset_shapes
 
@@ -133,6 +188,26 @@ def test_gate_rejects_a_wrong_backend(monkeypatch, tmp_path):
         assert r["status"] == "wrong" and r["error"] > r["tolerance"] and "median_ms" not in r
         assert "median_ms_ratio" not in r
     assert "**wrong**" in (out / "results.md").read_text()
+
+
+def test_a_backend_that_takes_few_tokens_is_skipped_above(monkeypatch, tmp_path):
+    """A decode kernel (triton24 takes 1 to 16 rows) is gated and timed up to its limit, skipped with the reason
+    above it; what the op reports about itself (`info`) lands in its records."""
+    from runtime_bench.backends import BACKENDS, Backend, LinearOp
+
+    def build(W, dtype, threads):
+        Wd = W.to(dtype)
+        return LinearOp(fn=lambda x: torch.nn.functional.linear(x, Wd), to_input=lambda x: x.to(dtype),
+                        to_output=lambda y: y.float(), weight_bytes=Wd.nbytes, max_tokens=4, info={"form": "probe"})
+
+    monkeypatch.setitem(BACKENDS, "few-cpu", Backend("few-cpu", "cpu", True, "torch-cpu", lambda: None, build))
+    out = tmp_path / "few"
+    ok(run("bench", "linear", "--shapes", "32x64", "--tokens", "1,4,8", "--dtypes", "fp32", "--backends",
+           "torch-cpu,few-cpu", "--no-rss", *FAST, "--out", out))
+    recs = {r["tokens"]: r for r in results(out)["records"] if r["backend"] == "few-cpu"}
+    assert recs[1]["status"] == recs[4]["status"] == "ok" and recs[1]["form"] == "probe"
+    assert recs[8]["status"] == "skipped" and recs[8]["reason"] == "takes at most 4 tokens (rows of x)"
+    assert "median_ms_ratio" in recs[4] and recs[1]["timing"] == "eager"
 
 
 # ---- bench model ---------------------------------------------------------------------------------------------
@@ -218,6 +293,10 @@ def test_timing_interleaves_and_summarizes():
     (["model", "--config", "nope", "--random"], "unknown preset 'nope'"),
     (["model", "--config", "tiny"], "--config PRESET --random"),
     (["model", "--config", "tiny", "--random", "--backends", "cuda-magic"], "unknown backend 'cuda-magic'"),
+    (["model", "--config", "tiny", "--random", "--backends", "torch-cpu", "--eager-too", "gpu24"],
+     "unknown backend 'gpu24'"),
+    (["model", "--config", "tiny", "--random", "--eager-too", "gpu24", "--no-cuda-graphs"], "needs --cuda-graphs"),
+    (["model", "--config", "tiny", "--random", "--backends", "triton24"], "backend 'triton24' has no model benchmark"),
 ])
 def test_bad_inputs_are_one_line_errors(args, fragment, tmp_path):
     one_line_error(run("bench", *args, "--out", tmp_path / "never"), fragment)
