@@ -225,16 +225,27 @@ static void gemm_scalar(const T* values, const uint32_t* masks, int64_t rows, in
 #ifndef ROSE24_PREFETCH
 #define ROSE24_PREFETCH 48
 #endif
-// Software prefetch of one panel's stream, kPrefetch groups ahead. With a few tokens the FMAs fill the reorder
-// buffer and the hardware prefetchers (which stop at 4 KiB pages) keep too few lines in flight: one token ran at
-// full bandwidth but eight at half of it. A panel's values take one line per group (fp32) or per two (bf16).
+// Software prefetch, kPrefetch groups ahead of the group being multiplied. With a few tokens the FMAs fill the
+// reorder buffer and the hardware prefetchers (which stop at 4 KiB pages) keep too few lines in flight: one token
+// ran at full bandwidth but eight at half of it. A panel's values take one line per group (fp32) or per two (bf16),
+// its masks one line per 16 groups.
+//
+// The prefetch runs on across panel boundaries: in the last kPrefetch groups of a panel (of a panel pair, on the
+// AVX-512 path) it fetches the start of the next panel (pair) of the same call. Stopping at the panel's end left the
+// first kPrefetch groups of every panel to the hardware prefetchers alone, a third of the lines of a 576-column
+// layer (G = 144): one thread streamed SmolLM2's layers at 15-17 GB/s, 28-33 GB/s with the prefetch running on
+// (cpp/README.md, "Prefetch").
 constexpr int64_t kPrefetch = ROSE24_PREFETCH;
 template <typename T>
-static inline void prefetch_ahead(const T* values, const uint32_t* masks, int64_t g, int64_t G) {
-  if (g + kPrefetch < G) {
-    _mm_prefetch(reinterpret_cast<const char*>(values + (g + kPrefetch) * 16), _MM_HINT_T0);
-    if ((g & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(masks + g + kPrefetch), _MM_HINT_T0);
-  }
+static inline void prefetch_group(const T* values, const uint32_t* masks, int64_t g) {
+  _mm_prefetch(reinterpret_cast<const char*>(values + g * 16), _MM_HINT_T0);
+  if ((g & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(masks + g), _MM_HINT_T0);
+}
+// Group g + kPrefetch of a stream that goes on for `limit` groups from `values` (the panel's own G, or through the
+// following panels of the same call).
+template <typename T>
+static inline void prefetch_ahead(const T* values, const uint32_t* masks, int64_t g, int64_t limit) {
+  if (g + kPrefetch < limit) prefetch_group(values, masks, g + kPrefetch);
 }
 
 ROSE24_AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -328,14 +339,14 @@ ROSE24_AVX2 static void unpack_avx2(const T* values, const uint32_t* masks, int6
 
 template <int MC, int NA, typename T>
 ROSE24_AVX2 static void panel_avx2(const T* values, const uint32_t* masks, int64_t G, const float* x, int64_t ldx,
-                                   __m256 out[MC]) {
+                                   __m256 out[MC], int64_t pf_limit) {
   const __m256i s0 = _mm256_setr_epi32(31, 27, 23, 19, 15, 11, 7, 3);
   const __m256 zero = _mm256_setzero_ps();
   __m256 acc[MC][NA];
   for (int m = 0; m < MC; ++m)
     for (int a = 0; a < NA; ++a) acc[m][a] = zero;
   for (int64_t g = 0; g < G; ++g) {
-    prefetch_ahead(values, masks, g, G);
+    prefetch_ahead(values, masks, g, pf_limit);
     __m256 w0, w1, w2, w3;
     decode_avx2(values + g * 16, masks[g], s0, w0, w1, w2, w3);
     const float* xg = x + 4 * g;
@@ -356,9 +367,9 @@ ROSE24_AVX2 static void panel_avx2(const T* values, const uint32_t* masks, int64
 
 template <int MC, typename T>
 ROSE24_AVX2 static void chunk_avx2(const T* values, const uint32_t* masks, int64_t G, const float* x, int64_t ldx,
-                                   __m256 out[MC]) {
+                                   __m256 out[MC], int64_t pf_limit) {
   constexpr int NA = MC == 1 ? 4 : (MC <= 3 ? 2 : 1);
-  panel_avx2<MC, NA>(values, masks, G, x, ldx, out);
+  panel_avx2<MC, NA>(values, masks, G, x, ldx, out, pf_limit);
 }
 
 template <typename T>
@@ -384,14 +395,16 @@ ROSE24_AVX2 static void gemm_avx2(const T* values, const uint32_t* masks, int64_
     for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
       const int mc = static_cast<int>(std::min<int64_t>(kChunk, M - m0));
       const float* xm = x + m0 * ldx;
+      // the last chunk of tokens prefetches on into the next panels of this call (contiguous: one stream)
+      const int64_t pf_limit = m0 + kChunk >= M ? (p1 - p) * G : G;
       __m256 out[kChunk];
       switch (mc) {
-        case 1: chunk_avx2<1>(vp, mp, G, xm, ldx, out); break;
-        case 2: chunk_avx2<2>(vp, mp, G, xm, ldx, out); break;
-        case 3: chunk_avx2<3>(vp, mp, G, xm, ldx, out); break;
-        case 4: chunk_avx2<4>(vp, mp, G, xm, ldx, out); break;
-        case 5: chunk_avx2<5>(vp, mp, G, xm, ldx, out); break;
-        default: chunk_avx2<6>(vp, mp, G, xm, ldx, out); break;
+        case 1: chunk_avx2<1>(vp, mp, G, xm, ldx, out, pf_limit); break;
+        case 2: chunk_avx2<2>(vp, mp, G, xm, ldx, out, pf_limit); break;
+        case 3: chunk_avx2<3>(vp, mp, G, xm, ldx, out, pf_limit); break;
+        case 4: chunk_avx2<4>(vp, mp, G, xm, ldx, out, pf_limit); break;
+        case 5: chunk_avx2<5>(vp, mp, G, xm, ldx, out, pf_limit); break;
+        default: chunk_avx2<6>(vp, mp, G, xm, ldx, out, pf_limit); break;
       }
       for (int m = 0; m < mc; ++m) {
         float* ym = y + (m0 + m) * ldy + p * kPanel;
@@ -445,27 +458,54 @@ ROSE24_AVX512 static inline void decode_pair(const T* v0, const T* v1, uint32_t 
   w[3] = _mm512_maskz_mov_ps(m3, vb);
 }
 
+// One group g of a panel pair: decode it, then acc[m] += w_j * x[m, 4g+j] for the MC tokens.
+template <int MC, int NA, typename T>
+ROSE24_AVX512 static inline __attribute__((always_inline)) void pair_group(
+    const T* v0, const T* v1, const uint32_t* k0p, const uint32_t* k1p, int64_t g, __m512i bit0, const float* x,
+    int64_t ldx, __m512 (&acc)[MC][NA]) {
+  __m512 w[4];
+  decode_pair(v0 + g * 16, v1 + g * 16, k0p[g], k1p[g], bit0, w);
+  const float* xg = x + 4 * g;
+  for (int m = 0; m < MC; ++m) {
+    const float* xm = xg + m * ldx;
+    acc[m][0 % NA] = _mm512_fmadd_ps(w[0], _mm512_set1_ps(xm[0]), acc[m][0 % NA]);
+    acc[m][1 % NA] = _mm512_fmadd_ps(w[1], _mm512_set1_ps(xm[1]), acc[m][1 % NA]);
+    acc[m][2 % NA] = _mm512_fmadd_ps(w[2], _mm512_set1_ps(xm[2]), acc[m][2 % NA]);
+    acc[m][3 % NA] = _mm512_fmadd_ps(w[3], _mm512_set1_ps(xm[3]), acc[m][3 % NA]);
+  }
+}
+
+// The pair (v0, k0p) and (v1, k1p) with MC tokens. Each panel is one stream; the prefetch runs kPrefetch groups
+// ahead in both, and over the last kPrefetch groups it fetches the first groups of the next pair's two streams
+// (next_v, next_k: panel p+2, whose partner p+3 follows it at G groups; null when this is the call's last pair).
+// Running the pair's own streams on past their end instead would fetch panel p+1 (the same pair's other stream)
+// and p+2, never p+3: that variant measured slower.
 template <int MC, int NA, typename T>
 ROSE24_AVX512 static void pair_avx512(const T* v0, const T* v1, const uint32_t* k0p, const uint32_t* k1p, int64_t G,
-                                      const float* x, int64_t ldx, __m512 out[MC]) {
+                                      const float* x, int64_t ldx, __m512 out[MC], const T* next_v,
+                                      const uint32_t* next_k) {
   const __m512i bit0 = lane_bits();
   __m512 acc[MC][NA];
   for (int m = 0; m < MC; ++m)
     for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    prefetch_ahead(v0, k0p, g, G);
-    prefetch_ahead(v1, k1p, g, G);
-    __m512 w[4];
-    decode_pair(v0 + g * 16, v1 + g * 16, k0p[g], k1p[g], bit0, w);
-    const __m512 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-    const float* xg = x + 4 * g;
-    for (int m = 0; m < MC; ++m) {
-      const float* xm = xg + m * ldx;
-      acc[m][0 % NA] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xm[0]), acc[m][0 % NA]);
-      acc[m][1 % NA] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xm[1]), acc[m][1 % NA]);
-      acc[m][2 % NA] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xm[2]), acc[m][2 % NA]);
-      acc[m][3 % NA] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xm[3]), acc[m][3 % NA]);
+  const int64_t own = std::max<int64_t>(0, G - kPrefetch);  // groups whose prefetch target is in this pair
+  int64_t g = 0;
+  for (; g < own; ++g) {
+    prefetch_group(v0, k0p, g + kPrefetch);
+    prefetch_group(v1, k1p, g + kPrefetch);
+    pair_group<MC, NA>(v0, v1, k0p, k1p, g, bit0, x, ldx, acc);
+  }
+  if (next_v) {
+    for (; g < G; ++g) {
+      const int64_t t = g + kPrefetch - G;  // group of the next pair
+      if (t < G) {
+        prefetch_group(next_v, next_k, t);
+        prefetch_group(next_v + G * 16, next_k + G, t);
+      }
+      pair_group<MC, NA>(v0, v1, k0p, k1p, g, bit0, x, ldx, acc);
     }
+  } else {
+    for (; g < G; ++g) pair_group<MC, NA>(v0, v1, k0p, k1p, g, bit0, x, ldx, acc);
   }
   for (int m = 0; m < MC; ++m) {
     __m512 s = acc[m][0];
@@ -476,9 +516,10 @@ ROSE24_AVX512 static void pair_avx512(const T* v0, const T* v1, const uint32_t* 
 
 template <int MC, typename T>
 ROSE24_AVX512 static void chunk_avx512(const T* v0, const T* v1, const uint32_t* k0, const uint32_t* k1, int64_t G,
-                                       const float* x, int64_t ldx, __m512 out[MC]) {
+                                       const float* x, int64_t ldx, __m512 out[MC], const T* next_v,
+                                       const uint32_t* next_k) {
   constexpr int NA = MC == 1 ? 4 : (MC <= 3 ? 2 : 1);
-  pair_avx512<MC, NA>(v0, v1, k0, k1, G, x, ldx, out);
+  pair_avx512<MC, NA>(v0, v1, k0, k1, G, x, ldx, out, next_v, next_k);
 }
 
 template <typename T>
@@ -497,16 +538,19 @@ ROSE24_AVX512 static void gemm_avx512(const T* values, const uint32_t* masks, in
     for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
       const int mc = static_cast<int>(std::min<int64_t>(kChunk, M - m0));
       const float* xm = x + m0 * ldx;
+      // the last chunk of tokens prefetches the start of the next pair, if this call has one
+      const T* next_v = m0 + kChunk >= M && p + 3 < p1 ? v0 + 2 * G * 16 : nullptr;
+      const uint32_t* next_k = k0 + 2 * G;
       __m512 out[kChunk];
       switch (mc) {
-        case 1: chunk_avx512<1>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
-        case 2: chunk_avx512<2>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
-        case 3: chunk_avx512<3>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
-        case 4: chunk_avx512<4>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
-        case 5: chunk_avx512<5>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
-        case 6: chunk_avx512<6>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
-        case 7: chunk_avx512<7>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
-        default: chunk_avx512<8>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out); break;
+        case 1: chunk_avx512<1>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out, next_v, next_k); break;
+        case 2: chunk_avx512<2>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out, next_v, next_k); break;
+        case 3: chunk_avx512<3>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out, next_v, next_k); break;
+        case 4: chunk_avx512<4>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out, next_v, next_k); break;
+        case 5: chunk_avx512<5>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out, next_v, next_k); break;
+        case 6: chunk_avx512<6>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out, next_v, next_k); break;
+        case 7: chunk_avx512<7>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out, next_v, next_k); break;
+        default: chunk_avx512<8>(v0, v0 + G * 16, k0, k0 + G, G, xm, ldx, out, next_v, next_k); break;
       }
       for (int m = 0; m < mc; ++m)
         _mm512_mask_storeu_ps(y + (m0 + m) * ldy + p * kPanel, keep, _mm512_add_ps(out[m], b));

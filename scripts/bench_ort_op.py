@@ -7,6 +7,8 @@ that the weights together exceed the last-level cache, as a model's layers do; t
 2:4 runs are interleaved, repeat by repeat, so that the machine's drift hits both alike.
 
     PYTHONPATH=. python scripts/bench_ort_op.py --threads 2 --tokens 1,8,64,256 --out /tmp/ort.json
+
+`--lib old=/tmp/librose_ort_old.so` times another build of the operator library in the same run (A/B).
 """
 from __future__ import annotations
 
@@ -109,9 +111,11 @@ def bench_ort(args, rows, cols, bf16) -> list[dict]:
 
     dense_model, sparse_model = ort_models(rows, cols, copies, bf16)
     sessions = {"onnx-dense": ort.InferenceSession(dense_model, options(), providers=["CPUExecutionProvider"])}
-    so = options()
-    so.register_custom_ops_library(str(library_path()))
-    sessions["onnx-rose"] = ort.InferenceSession(sparse_model, so, providers=["CPUExecutionProvider"])
+    libs = [("onnx-rose", str(library_path()))] + [(f"onnx-rose-{n}", path) for n, path in args.lib]
+    for name, path in libs:
+        so = options()
+        so.register_custom_ops_library(path)
+        sessions[name] = ort.InferenceSession(sparse_model, so, providers=["CPUExecutionProvider"])
     del dense_model, sparse_model
     rows_out = []
     for M in args.tokens:
@@ -201,8 +205,11 @@ def main() -> None:
     p.add_argument("--torch", action="store_true", help="also PyTorch: sparse24_linear against F.linear")
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--spin", action="store_true", help="let onnxruntime's idle pool threads spin (its default)")
+    p.add_argument("--lib", action="append", default=[], metavar="NAME=PATH",
+                   help="also time this build of the operator library (session onnx-rose-NAME), side by side")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    args.lib = [tuple(v.split("=", 1)) for v in args.lib]
     args.tokens = [int(t) for t in args.tokens.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
