@@ -197,6 +197,11 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
 
 // ---- compute -------------------------------------------------------------------------------------------------
 
+#ifndef ROSE_TASK_MACS
+#define ROSE_TASK_MACS 131072
+#endif
+constexpr int64_t kTaskMacs = ROSE_TASK_MACS;
+
 struct Job {
   const Kernel* k;
   const void* values;
@@ -260,7 +265,7 @@ OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   // 16), at least ~128k multiply-adds each so that small products stay on one thread, and at most 64 tasks for the
   // pool to balance.
   const int64_t panel_work = rose24::kPanel * k.cols * std::min<int64_t>(M, 1 << 20);  // no overflow
-  const int64_t min_panels = (131072 + panel_work - 1) / panel_work;
+  const int64_t min_panels = (kTaskMacs + panel_work - 1) / panel_work;
   const int64_t unit = M >= rose24::blocked_from() ? rose24::kBlockPanels : 2;
   int64_t per_task = std::max<int64_t>({unit, min_panels, (job.P + 63) / 64});
   per_task = (per_task + unit - 1) / unit * unit;

@@ -84,6 +84,52 @@ def _why_not(W: np.ndarray, is_24: bool, users: list, transposes: list, matmuls:
     return None
 
 
+def _fuse_shared_inputs(replace: dict[int, list], packed_inits: list, order: dict[int, int]) -> list[list[str]]:
+    """Operator nodes that read the same X (q/k/v, gate/up) become one node over their rows stacked, then a Split.
+
+    At one token a small layer's call is mostly fixed cost (a pool dispatch, a pass over X): one call of 960 rows
+    runs faster than three of 576, 192 and 192. Panels are independent runs of 8 rows, so stacking weights whose row
+    counts are multiples of 8 is concatenating their flat arrays; the product is the same to the bit. Rewrites
+    `replace` in place (id(MatMul) -> [nodes]: the fused pair at the group's first MatMul in graph order, nothing
+    at the others) and `packed_inits`; returns the weight names of each fused group. A weight that more than one
+    MatMul reads stays unfused."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in packed_inits}
+    uses: dict[str, int] = {}
+    for (node,) in replace.values():
+        uses[node.input[1]] = uses.get(node.input[1], 0) + 1
+    groups: dict[str, list[int]] = {}
+    for key in sorted(replace, key=order.__getitem__):
+        (node,) = replace[key]
+        if uses[node.input[1]] == 1:
+            groups.setdefault(node.input[0], []).append(key)
+    fused = []
+    for x, keys in groups.items():
+        nodes = [replace[k][0] for k in keys]
+        attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+        if len(nodes) < 2 or len({a["cols"] for a in attrs}) != 1 or any(a["rows"] % PANEL for a in attrs):
+            continue
+        weights = [n.input[1][: -len(".values")] for n in nodes]
+        name = "+".join(weights)
+        for part in ("values", "masks"):
+            arrays = [numpy_helper.to_array(inits.pop(f"{w}.{part}")) for w in weights]
+            inits[f"{name}.{part}"] = numpy_helper.from_array(np.concatenate(arrays), f"{name}.{part}")
+        rows = [a["rows"] for a in attrs]
+        stacked = f"{name}.out"
+        split = numpy_helper.from_array(np.array(rows, np.int64), f"{name}.split")
+        inits[split.name] = split
+        first = helper.make_node(OP, [x, f"{name}.values", f"{name}.masks"], [stacked], name=f"{nodes[0].name}/fused",
+                                 domain=DOMAIN, rows=sum(rows), cols=attrs[0]["cols"])
+        parts = helper.make_node("Split", [stacked, split.name], [o for n in nodes for o in n.output],
+                                 name=f"{nodes[0].name}/split", axis=-1)
+        for i, k in enumerate(keys):
+            replace[k] = [first, parts] if i == 0 else []
+        fused.append(weights)
+    packed_inits[:] = list(inits.values())
+    return fused
+
+
 def write_sparse24_onnx(dense_dir: Path, out: Path, targets: dict[str, bool]) -> dict:
     """Rewrite `dense_dir/model.onnx` into `out/model.onnx` (plus the operator library); `targets` maps weight name
     -> is 2:4. Returns what the manifest records, with `skipped`: weight -> why it stayed standard."""
@@ -119,12 +165,14 @@ def write_sparse24_onnx(dense_dir: Path, out: Path, targets: dict[str, bool]) ->
         packed_inits += [numpy_helper.from_array(values, f"{name}.values"),
                          numpy_helper.from_array(masks, f"{name}.masks")]
         for m in matmuls:
-            replace[id(m)] = helper.make_node(OP, [m.input[0], f"{name}.values", f"{name}.masks"], list(m.output),
-                                              name=f"rose_sparse24/{len(replace)}", domain=DOMAIN, rows=rows,
-                                              cols=cols)
+            replace[id(m)] = [helper.make_node(OP, [m.input[0], f"{name}.values", f"{name}.masks"], list(m.output),
+                                               name=f"rose_sparse24/{len(replace)}", domain=DOMAIN, rows=rows,
+                                               cols=cols)]
         drop |= {id(t) for t in transposes}
         done.append(name)
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    order = {id(n): i for i, n in enumerate(graph.node)}
+    fused = _fuse_shared_inputs(replace, packed_inits, order)
+    nodes = [m for n in graph.node if id(n) not in drop for m in replace.get(id(n), [n])]
     del graph.node[:]
     graph.node.extend(nodes)
     kept = [i for i in graph.initializer if i.name not in set(done)]
@@ -138,5 +186,5 @@ def write_sparse24_onnx(dense_dir: Path, out: Path, targets: dict[str, bool]) ->
     onnx.save_model(model, str(out / MODEL_FILE), save_as_external_data=external,
                     location=f"{MODEL_FILE}.data" if external else None)
     shutil.copy2(library, out / LIBRARY)
-    return {"sparse24_weights": len(done), "skipped": skipped, "external_data": external, "custom_ops_library": LIBRARY,
+    return {"sparse24_weights": len(done), "fused_nodes": fused, "skipped": skipped, "external_data": external, "custom_ops_library": LIBRARY,
             "operator": f"{DOMAIN}.{OP}"}

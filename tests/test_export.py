@@ -537,11 +537,17 @@ def test_onnx_sparse24_runs_roses_operator_on_packed_weights(exported, pruned24)
     d = out / "onnx-sparse24"
     graph = onnx.load(str(d / "model.onnx")).graph
     ops = [n for n in graph.node if n.domain == "rose"]
-    assert len(ops) == 14 and {n.op_type for n in ops} == {"Sparse24MatMul"}
+    # 2 layers x 7 linears, q/k/v and gate/up each fused into one node over their stacked rows (then a Split)
+    assert len(ops) == 8 and {n.op_type for n in ops} == {"Sparse24MatMul"}
+    rows = sorted(next(a.i for a in n.attribute if a.name == "rows") for n in ops)
+    assert rows == sorted([128 + 64 + 64, 128, 2 * 256, 128] * 2)  # qkv, o, gate+up, down (hidden 128, 2 kv heads)
     names = {i.name for i in graph.initializer}
     assert not any(n.endswith("proj.weight") for n in names) and "lm_head.weight" in names  # tied embedding: dense
     info, parity = manifest["formats"]["onnx-sparse24"], manifest["parity"]["onnx-sparse24"]
     assert info["sparse24_weights"] == 14 and manifest["skipped"]["onnx-sparse24"] == {}
+    groups = sorted(tuple(w.split(".")[-2] for w in g) for g in info["fused_nodes"])
+    assert groups == [("gate_proj", "up_proj")] * 2 + [("q_proj", "k_proj", "v_proj")] * 2
+    assert sum(n.op_type == "Split" and n.input[0].endswith(".out") for n in graph.node) == 4
     assert (d / info["custom_ops_library"]).is_file() and (d / "genai_config.json").is_file()
     assert parity["greedy_identical"] and parity["max_abs_logits"] <= 1e-4 and parity["max_abs_logits_vs_onnx"] <= 1e-4
     assert info["size_ratio_to_onnx"] < 0.65
