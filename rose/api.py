@@ -27,7 +27,8 @@ def check_device(device: str) -> None:
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals over the sublayers: overall sparsity, mean reconstruction error, ROSE's columnar fraction."""
+    """Totals over the sublayers: overall sparsity, mean reconstruction error, ROSE's columnar fraction, the layer
+    guard's and the refit's decisions."""
     numel = sum(r["shape"][0] * r["shape"][1] for r in records)
     out: dict[str, Any] = {
         "sublayers": len(records),
@@ -44,6 +45,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     if guards:  # --order best: decoder layers checked, and where SparseGPT's solution was kept
         out["guarded_layers"] = len(guards)
         out["guard_kept_sparsegpt"] = sum(k == "sparsegpt" for k in guards.values())
+    refits = {r["layer"]: r["refit"] for r in records if "refit" in r}
+    if refits:  # --refit: the decoder layers' distance to the dense outputs before and after, and where it was kept
+        final = [f["error_after"] if f["kept"] == "refit" else f["error_before"] for f in refits.values()]
+        out["refit"] = {"layers": len(refits), "kept": sum(f["kept"] == "refit" for f in refits.values()),
+                        "mean_error_before": round(sum(f["error_before"] for f in refits.values()) / len(refits), 6),
+                        "mean_error_after": round(sum(final) / len(refits), 6),
+                        "seconds": round(sum(f["seconds"] for f in refits.values()), 2)}
     return out
 
 

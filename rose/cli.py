@@ -31,9 +31,13 @@ def prune(model, out, overwrite, do_eval, eval_data, eval_seqlen, max_tokens, qu
     with logging_redirect_tqdm():  # per-layer log lines print above the progress bar, not through it
         pruned, tokenizer, recipe = api.prune(model, cfg, progress=not quiet)
     if do_eval:
-        recipe.results["eval"] = api.evaluate(pruned, tokenizer, eval_data, eval_seqlen, max_tokens, cfg.device,
-                                              progress=not quiet)
-        click.echo(f"perplexity {recipe.results['eval']['perplexity']:.3f}")
+        results = [api.evaluate(pruned, tokenizer, data, eval_seqlen, max_tokens, cfg.device, progress=not quiet)
+                   for data in eval_data]
+        recipe.results["eval"] = results[0]
+        if len(results) > 1:
+            recipe.results["eval_extra"] = results[1:]
+        for r in results:
+            click.echo(f"perplexity {r['perplexity']:.3f}" + (f" ({r['data']})" if len(results) > 1 else ""))
     api.save_pruned(pruned, tokenizer, recipe, out, overwrite)
     click.echo(f"wrote {out}")
 
@@ -41,7 +45,9 @@ def prune(model, out, overwrite, do_eval, eval_data, eval_seqlen, max_tokens, qu
 @click.command("eval")
 @model_option
 @stack(
-    click.option("--data", default=DEFAULT_EVAL_DATA, show_default=True, help="wikitext2, c4 or a local text file."),
+    click.option("--data", multiple=True, default=[DEFAULT_EVAL_DATA], show_default=True,
+                 help="wikitext2, c4, pydoc or a local text file; repeat for more texts (JSON: the first at the top, "
+                      "the others under eval_extra)."),
     click.option("--seqlen", type=click.IntRange(min=2), default=DEFAULT_EVAL_SEQLEN, show_default=True,
                  help="Window length."),
     click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the first windows."),
@@ -58,8 +64,13 @@ def eval_cmd(model, data, seqlen, max_tokens, device, as_json) -> None:
     setup_logging(True)
     api.check_device(device)
     m, tok = load_model(model)
-    result = api.evaluate(m, tok, data, seqlen, max_tokens, device, progress=False)
-    click.echo(json.dumps({"model": model, **result}) if as_json else f"perplexity {result['perplexity']:.3f}")
+    results = [api.evaluate(m, tok, d, seqlen, max_tokens, device, progress=False) for d in data]
+    if as_json:
+        click.echo(json.dumps({"model": model, **results[0], **({"eval_extra": results[1:]} if len(results) > 1
+                                                                 else {})}))
+    else:
+        for r in results:
+            click.echo(f"perplexity {r['perplexity']:.3f}" + (f" ({r['data']})" if len(results) > 1 else ""))
 
 
 COMMANDS = [prune, eval_cmd]

@@ -1,4 +1,11 @@
-"""Calibration and evaluation text through `datasets`: hub names (`wikitext2`, `c4`) or local files."""
+"""Calibration and evaluation text through `datasets`: hub names (`wikitext2`, `c4`) or local files, and `pydoc`,
+a text that ships with Python itself.
+
+`pydoc` is the documentation of Python's language and built-ins that `help()` shows: the standard library module
+`pydoc_data.topics` (PSF license, shipped with every CPython), its topics joined in sorted order. It is a second
+domain (technical English with code and grammar rules) that WikiText calibration never sees, and needs no network
+and no download; the text follows the Python release, which every recipe records (`versions.python`).
+"""
 from __future__ import annotations
 
 import random
@@ -15,11 +22,25 @@ HUB_SPLITS = {  # name -> (path, config, calibration split, evaluation split)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test"),
     "c4": ("allenai/c4", None, "train", "validation"),
 }
+BUILTIN = ("pydoc",)   # sources that ship with Python and need neither a hub nor a file
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
 
+def pydoc_rows() -> list[str]:
+    """The topics of Python's own documentation (`pydoc_data.topics`, PSF license), in sorted order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions split the module off
+        raise RoseError("data source 'pydoc' needs the standard library module pydoc_data, which this Python "
+                        "lacks") from None
+    return [topics[k] for k in sorted(topics)]
+
+
 def load_rows(source: str, split: str = "train") -> list[str]:
-    """Text rows of a local file (one row per line for text, the `text` field otherwise) or a hub dataset."""
+    """Text rows of a local file (one row per line for text, the `text` field otherwise), a hub dataset, or a
+    built-in source (`pydoc`: one row per topic; it has no splits)."""
+    if source == "pydoc" and not Path(source).exists():
+        return [t for t in pydoc_rows() if t.strip()]
     import datasets
 
     datasets.disable_progress_bars()
@@ -41,7 +62,8 @@ def load_rows(source: str, split: str = "train") -> list[str]:
             else:
                 ds = datasets.load_dataset(name, config, split=which)
         else:
-            raise RoseError(f"unknown data source {source!r}: use wikitext2, c4, or a .txt/.jsonl/.parquet file")
+            raise RoseError(f"unknown data source {source!r}: use wikitext2, c4, pydoc, or a .txt/.jsonl/.parquet "
+                            f"file")
     except RoseError:
         raise
     except Exception as exc:  # hub unreachable, malformed file, ...
