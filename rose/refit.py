@@ -68,9 +68,9 @@ def window_order(samples: int, steps: int, seed: int, layer: int) -> list[int]:
 def refit_layer(layer: nn.Module, run: Run, subs: dict[str, nn.Module], inputs: list[torch.Tensor],
                 targets: list[torch.Tensor], before: float, cfg: PruneConfig,
                 index: int) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Refit the kept weights of `subs` (the pruned sublayers of `layer`) towards `targets`; `before` is the
-    layer's `token_error` to them as pruned; `index` is the decoder layer's. Returns the kept layer's outputs (the next layer's inputs) and the
-    record: both errors, which weights were kept, steps and seconds."""
+    """Refit the kept weights of `subs` (the pruned sublayers of `layer`, number `index`) towards `targets`;
+    `before` is the layer's `token_error` to them as pruned. Returns the kept layer's outputs (the next layer's
+    inputs) and the record: both errors, which weights were kept, steps and seconds."""
     t0 = time.perf_counter()
     params = [mod.weight for mod in subs.values()]
     if any(p.dtype != torch.float32 for p in params):
