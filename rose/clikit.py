@@ -139,6 +139,8 @@ def prune_options(f):
                      help="Refit: train on the first N calibration windows only  [default: all]."),
         click.option("--refit-loss", type=click.Choice(REFIT_LOSSES), default=_default("refit_loss"),
                      show_default=True, help="Refit: per-token relative error of the layer output, or plain MSE."),
+        click.option("--refit-norms", is_flag=True, default=_default("refit_norms"),
+                     help="Refit: also train the decoder layer's norm weights and biases (an ablation: see README)."),
     )(f)
 
 

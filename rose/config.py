@@ -90,6 +90,7 @@ class PruneConfig:
     refit_lr: float = DEFAULT_REFIT_LR
     refit_samples: int | None = None     # calibration windows the refit trains on; None = all of them
     refit_loss: str = "relative"
+    refit_norms: bool = False            # also train the layer's norm weights and biases (unmasked)
 
     def __post_init__(self) -> None:
         from .methods import METHODS  # the registry imports this module

@@ -7,8 +7,8 @@ stream (the hidden states the pruned model really produces), reproduces the dens
 on the dense stream (dense_stream.py). Calibration data only:
 
 - gradients reach only the weights of the layer's linear sublayers (norms, biases and embeddings stay as they
-  are), and a pruned weight stays exactly zero: its gradient is masked and the mask is applied again after every
-  step, so an N:M pattern stays N:M;
+  are, unless `refit_norms` adds the layer's other parameters), and a pruned weight stays exactly zero: its
+  gradient is masked and the mask is applied again after every step, so an N:M pattern stays N:M;
 - Adam, one calibration window per step, the windows in an order drawn from the run's seed (deterministic for a
   given seed and thread count), float32;
 - the loss is the per-token relative error `||y' - y||^2 / ||y||^2` that the layer guard measures, as the next
@@ -73,9 +73,14 @@ def refit_layer(layer: nn.Module, run: Run, subs: dict[str, nn.Module], inputs: 
     inputs) and the record: both errors, which weights were kept, steps and seconds."""
     t0 = time.perf_counter()
     params = [mod.weight for mod in subs.values()]
+    keep = [p.detach() != 0 for p in params]
+    if cfg.refit_norms:  # the rest of the layer (norm weights, biases): nothing to mask
+        ids = {id(p) for p in params}
+        rest = [p for p in layer.parameters() if id(p) not in ids]
+        params += rest
+        keep += [torch.ones_like(p, dtype=torch.bool) for p in rest]
     if any(p.dtype != torch.float32 for p in params):
         raise RoseError("the refit trains in float32: load the model in float32 to refit it")
-    keep = [p.detach() != 0 for p in params]
     saved = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=cfg.refit_lr)
     with trainable(layer, params):

@@ -176,3 +176,15 @@ def test_recipe_summary_of_the_refit():
     assert s["layers"] == 2 and s["kept"] == sum(f["kept"] == "refit" for f in fits)
     assert s["mean_error_after"] < s["mean_error_before"]
     assert "refit" not in summarize(pruned(method="sparsegpt", sparsity="2:4")[1])
+
+
+def test_refit_norms_trains_the_rest_of_the_layer_too():
+    model, records = pruned(method="sparsegpt", sparsity="2:4", refit_norms=True, **REFIT)
+    dense = tiny_model("llama").state_dict()
+    state = model.state_dict()
+    assert layer_errors(records)[0]["kept"] == "refit"
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(state[norm], dense[norm])
+    assert torch.equal(state["model.norm.weight"], dense["model.norm.weight"])   # outside the decoder layers
+    for name, W in weights(model).items():
+        assert is_nm(W, 2, 4), name
