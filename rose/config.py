@@ -18,7 +18,7 @@ DEFAULT_PERCDAMP = 0.01   # SparseGPT's damping, a fraction of mean(diag H)
 DEFAULT_THRESHOLD = 0.5   # ROSE's columnar threshold on the relative range of block losses (the paper's)
 # the refit after pruning (refit.py): Adam steps per decoder layer (one calibration window each), learning rate
 DEFAULT_REFIT_STEPS = 64
-DEFAULT_REFIT_LR = 1e-4
+DEFAULT_REFIT_LR = 1e-3
 DEFAULT_EVAL_DATA = "wikitext2"
 DEFAULT_EVAL_SEQLEN = 2048
 # the choices of PruneConfig's string fields; the CLI offers exactly these

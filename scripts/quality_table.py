@@ -15,12 +15,14 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from rose.config import PruneConfig
+
 PATTERNS = ["0.5", "0.6", "0.7", "4:8", "2:4"]
 HEAD = {"0.5": "50%", "0.6": "60%", "0.7": "70%", "4:8": "4:8", "2:4": "2:4"}
 ROWS = ["magnitude", "wanda", "sparsegpt", "rose", "rose --order best", "magnitude --refit", "wanda --refit",
         "sparsegpt --refit", "rose --refit", "rose --order best --refit"]
 SECOND = "pydoc"   # the second evaluation text (rose/data.py)
-REFIT_DEFAULTS = {"refit_steps": 64, "refit_lr": 1e-4, "refit_samples": None, "refit_loss": "relative"}
+REFIT_DEFAULTS = {k: PruneConfig.default(k) for k in ("refit_steps", "refit_lr", "refit_samples", "refit_loss")}
 
 
 def label(cfg: dict) -> str:
