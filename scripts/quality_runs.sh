@@ -5,7 +5,8 @@
 # Usage: scripts/quality_runs.sh RUNS_DIR SEED CONFIG...   where CONFIG is method:sparsity[:extra-flags]
 # e.g.   scripts/quality_runs.sh runs 0 dense sparsegpt:2:4 rose:0.7:--rose-order=columns rose:2:4:--order=best,--refit
 # ROSE_EXPORT overrides the command (default: rose-export), e.g. "python -m rose_export" from a checkout;
-# ROSE_SECOND_TEXT= (empty) skips the second text (3-4 minutes of evaluation per run on one thread).
+# ROSE_SECOND_TEXT= (empty) skips the second text (3-4 minutes of evaluation per run on one thread);
+# ROSE_MODEL=DIR prunes another model than the embedded SmolLM2 (e.g. scripts/permutation_study.py's output).
 # Each run keeps its rose_recipe.json (timings, per-sublayer records, perplexity) under RUNS_DIR; the weights
 # are deleted to save disk. Render with: python scripts/quality_table.py RUNS_DIR
 set -euo pipefail
@@ -18,7 +19,8 @@ data=${ROSE_DATA:-../shared/data/wikitext2}
 read -r -a rose_export <<< "${ROSE_EXPORT:-rose-export}"
 second=${ROSE_SECOND_TEXT-pydoc}
 read -r -a texts <<< "$data/test.raw.txt${second:+ $second}"
-common=(--calib "$data/valid.tokens.txt" --nsamples 64 --seqlen 512 --seed "$seed" --eval
+model=(${ROSE_MODEL:+--model "$ROSE_MODEL"})
+common=("${model[@]}" --calib "$data/valid.tokens.txt" --nsamples 64 --seqlen 512 --seed "$seed" --eval
         "${texts[@]/#/--eval-data=}" --eval-seqlen 512 --max-tokens 65536 --quiet --overwrite)
 mkdir -p "$runs"
 for spec in "$@"; do
@@ -26,7 +28,7 @@ for spec in "$@"; do
   [ -f "$runs/$name/rose_recipe.json" ] && { echo "skip $name"; continue; }
   if [ "$spec" = dense ]; then
     mkdir -p "$runs/$name"
-    "${rose_export[@]}" eval "${texts[@]/#/--data=}" --seqlen 512 --max-tokens 65536 --json > "$runs/$name/eval.json"
+    "${rose_export[@]}" eval "${model[@]}" "${texts[@]/#/--data=}" --seqlen 512 --max-tokens 65536 --json > "$runs/$name/eval.json"
     cp "$runs/$name/eval.json" "$runs/$name/rose_recipe.json"
     continue
   fi
