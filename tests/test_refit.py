@@ -188,3 +188,14 @@ def test_refit_norms_trains_the_rest_of_the_layer_too():
     assert torch.equal(state["model.norm.weight"], dense["model.norm.weight"])   # outside the decoder layers
     for name, W in weights(model).items():
         assert is_nm(W, 2, 4), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refit_on_cuda_keeps_the_masks():
+    model = tiny_model("llama")
+    records = prune_model(model, calib(), PruneConfig(method="sparsegpt", sparsity="2:4", device="cuda", **REFIT),
+                          progress=False)
+    assert any(f["kept"] == "refit" for f in layer_errors(records).values())
+    for name, W in weights(model).items():
+        assert W.device.type == "cpu" and is_nm(W, 2, 4), name
