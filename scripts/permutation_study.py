@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--layers", help="comma-separated decoder layers to permute (default: all)")
     ap.add_argument("--out", type=Path, help="save the permuted dense model (and the report) here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -95,7 +96,10 @@ def main() -> None:
     share = cfg.num_attention_heads // cfg.num_key_value_heads
     report = {"down_proj": [], "o_proj": []}
     with torch.no_grad():
+        chosen = {int(x) for x in args.layers.split(",")} if args.layers else None
         for i, layer in enumerate(decoder_layers(model)):
+            if chosen is not None and i not in chosen:
+                continue
             mlp, attn = layer.mlp, layer.self_attn
             # down_proj: permute intermediate units; gate/up rows follow
             S = mlp.down_proj.weight.abs() * energy[(i, "mlp.down_proj")].sqrt()
@@ -131,6 +135,7 @@ def main() -> None:
                          "recovered_of_lost_mean": round(sum(gain) / len(gain), 4),
                          "recovered_of_lost_min": round(min(gain), 4), "recovered_of_lost_max": round(max(gain), 4)}
     result = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "rounds": args.rounds,
+              "layers_permuted": sorted(chosen) if chosen is not None else "all",
               "max_abs_logit_change": diff, "summary": summary, "layers": report}
     print(json.dumps({k: v for k, v in result.items() if k != "layers"}, indent=2))
     if args.out:
