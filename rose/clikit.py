@@ -140,7 +140,8 @@ def prune_options(f):
         click.option("--refit-loss", type=click.Choice(REFIT_LOSSES), default=_default("refit_loss"),
                      show_default=True, help="Refit: per-token relative error of the layer output, or plain MSE."),
         click.option("--refit-norms", is_flag=True, default=_default("refit_norms"),
-                     help="Refit: also train the decoder layer's norm weights and biases (an ablation, docs/quality/refit)."),
+                     help="Refit: also train the decoder layer's norm weights and biases (an ablation: "
+                          "docs/quality/refit)."),
     )(f)
 
 
