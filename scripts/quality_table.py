@@ -67,8 +67,15 @@ def collect(runs: Path) -> tuple[dict, dict]:
         threads = rec.get("versions", {}).get("torch_threads", "unrecorded")
         table[(label(cfg), cfg["sparsity"], cfg["seed"])] = {**rec["results"], **guard_gap(rec.get("layers", [])),
                                                              "torch_threads": threads,
-                                                             "second": second_text(rec["results"])}
+                                                             "second": second_text(rec["results"]),
+                                                             "layer_records": refit_errors(rec.get("layers", []))}
     return table, dense
+
+
+def refit_errors(records: list[dict]) -> list[float]:
+    """Per decoder layer, the refit's final distance to the dense outputs (after, where kept; else before)."""
+    fits = {r["layer"]: r["refit"] for r in records if "refit" in r}
+    return [f["error_after"] if f["kept"] == "refit" else f["error_before"] for _, f in sorted(fits.items())]
 
 
 def second_text(results: dict) -> float | None:
@@ -105,7 +112,11 @@ def guard_gap(records: list[dict]) -> dict:
     guards = {r["layer"]: r["layer_guard"] for r in records if "layer_guard" in r}
     gaps = sorted(abs(g["error_best"] - g["error_sparsegpt"]) / g["error_sparsegpt"] * 100
                   for g in guards.values() if g["error_sparsegpt"] > 0)
-    return {"guard_gap_median_pct": statistics.median(gaps), "guard_gap_max_pct": gaps[-1]} if gaps else {}
+    if not gaps:
+        return {}
+    kept = [g["error_best"] if g["kept"] == "best" else g["error_sparsegpt"] for _, g in sorted(guards.items())]
+    return {"guard_gap_median_pct": statistics.median(gaps), "guard_gap_max_pct": gaps[-1],
+            "layer_error_mean": statistics.mean(kept), "layer_error_last": kept[-1]}
 
 
 def render(table: dict, dense: dict | None) -> str:  # noqa: C901 (one table after another)
@@ -186,12 +197,18 @@ def render(table: dict, dense: dict | None) -> str:  # noqa: C901 (one table aft
         out.append("\nThe refit, seed 0: decoder layers kept refitted (of 30), and the mean over layers of the "
                    "distance to the dense model's layer outputs (mean per-token relative error), as pruned -> as "
                    "kept:\n")
-        out.append("| method | pattern | layers kept | layer error before -> after |")
-        out.append("|---|---|---|---|")
+        out.append("| method | pattern | layers kept | layer error before -> after | last layer, after | the same "
+                   "without the refit: mean (last layer), from the layer guard's records |")
+        out.append("|---|---|---|---|---|---|")
         for r, p in refits:
-            f = table[(r, p, 0)]["refit"]
+            res = table[(r, p, 0)]
+            f = res["refit"]
+            last = res["layer_records"][-1]
+            plain = table.get((r.split(" --refit")[0], p, 0), {})
+            base = (f"{plain['layer_error_mean']:.4f} ({plain['layer_error_last']:.4f})"
+                    if "layer_error_mean" in plain else "")
             out.append(f"| {r} | {HEAD[p]} | {f['kept']} of {f['layers']} | {f['mean_error_before']:.4f} -> "
-                       f"{f['mean_error_after']:.4f} |")
+                       f"{f['mean_error_after']:.4f} | {last:.4f} | {base} |")
 
     ablation = [r for r in labels if r not in ROWS and (r, "0.7", 0) in table]
     if ablation:
