@@ -141,8 +141,8 @@ def render(table: dict, dense: dict | None) -> str:  # noqa: C901 (one table aft
         out.append(f"| {r} | " + " | ".join(cells) + " |")
 
     out.append("\nMean relative reconstruction error `||WX - W'X|| / ||WX||` over the 210 sublayers (on each "
-               "sublayer's own calibration inputs; seed 0; for `--refit` rows, of the weights as pruned, before the refit) "
-               "and, for ROSE, the share of sublayers found columnar:\n")
+               "sublayer's own calibration inputs; seed 0; for `--refit` rows, of the weights as pruned, before the "
+               "refit) and, for ROSE, the share of sublayers found columnar:\n")
     out.append("| method | " + " | ".join(HEAD[p] for p in PATTERNS) + " |")
     out.append("|---|" + "---|" * len(PATTERNS))
     for r in main:
