@@ -28,7 +28,8 @@ def check_device(device: str) -> None:
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals over the sublayers: overall sparsity, mean reconstruction error, ROSE's columnar fraction."""
+    """Totals over the sublayers: overall sparsity, mean reconstruction error, ROSE's columnar fraction, the layer
+    guard's and the refit's decisions."""
     numel = sum(r["shape"][0] * r["shape"][1] for r in records)
     out: dict[str, Any] = {
         "sublayers": len(records),
@@ -45,6 +46,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     if guards:  # --order best: decoder layers checked, and where SparseGPT's solution was kept
         out["guarded_layers"] = len(guards)
         out["guard_kept_sparsegpt"] = sum(k == "sparsegpt" for k in guards.values())
+    refits = {r["layer"]: r["refit"] for r in records if "refit" in r}
+    if refits:  # --refit: the decoder layers' distance to the dense outputs before and after, and where it was kept
+        final = [f["error_after"] if f["kept"] == "refit" else f["error_before"] for f in refits.values()]
+        out["refit"] = {"layers": len(refits), "kept": sum(f["kept"] == "refit" for f in refits.values()),
+                        "mean_error_before": round(sum(f["error_before"] for f in refits.values()) / len(refits), 6),
+                        "mean_error_after": round(sum(final) / len(refits), 6),
+                        "seconds": round(sum(f["seconds"] for f in refits.values()), 2)}
     return out
 
 
@@ -58,11 +66,13 @@ def prune(model_name: str, cfg: PruneConfig, *, progress: bool = True, model=Non
     check_seqlen(model.config, cfg.seqlen, "--seqlen", model_name)
     check_widths(model, cfg)
     calib = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, rows)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     records = prune_model(model, calib, cfg, progress=progress)
     seconds = time.perf_counter() - t0
+    # CPU time beside wall time: on a shared machine the wall clock measures the load as well
     recipe = Recipe(model=model_name, config=cfg.to_dict(), layers=records,
-                    results={"prune_seconds": round(seconds, 2), **summarize(records)})
+                    results={"prune_seconds": round(seconds, 2),
+                             "prune_cpu_seconds": round(time.process_time() - c0, 2), **summarize(records)})
     log.info("pruned %d sublayers in %.1f s: sparsity %.4f", len(records), seconds, recipe.results["sparsity"])
     return model, tokenizer, recipe
 

@@ -7,12 +7,12 @@
    fallback in place lands closer to them than the layer with the winners, the whole layer keeps the fallbacks.
    A sublayer's error on its own inputs does not see how errors combine through attention, the MLP and the
    residual stream, nor how they add up over layers; this check does, at the cost of one more layer forward on
-   each stream (two on the pruned one where the fallbacks are kept, to hold one set of outputs at a time).
+   each stream (two on the pruned one where the fallbacks are kept, to hold one set of outputs at a time). The
+   dense model's hidden states are the calibration loop's dense stream (dense_stream.py), which the refit reads too.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -20,15 +20,13 @@ from torch import nn
 
 from .arch import get_weight, set_weight
 from .config import PruneConfig
+from .dense_stream import Run, token_error
 from .methods import Candidate, Pruned, solve
 from .ordering import Ordering, hessian_diag_order
 from .solver import reconstruction_error
 from .stats import InputStats
 
 log = logging.getLogger(__name__)
-
-Run = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # the layer, with its current weights, on some inputs
-
 
 def search(W: torch.Tensor, stats: InputStats, cfg: PruneConfig, rose: Ordering, info: dict[str, Any]) -> Pruned:
     """The lowest-error of the identity, diag(H) and (where columnar) ROSE orders. Only the identity solution and
@@ -48,17 +46,6 @@ def search(W: torch.Tensor, stats: InputStats, cfg: PruneConfig, rose: Ordering,
     info.update(order=best, candidate_errors=rounded)
     fallback = Candidate(W_identity, rounded["identity"], "identity") if best != "identity" else None
     return Pruned(W_best, info, fallback)
-
-
-def token_error(outs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor]) -> float:
-    """Mean over tokens of `||y' - y||^2 / ||y||^2`: per token, as the final RMSNorm sees the hidden state.
-    `outs` may be a generator, so that a layer's outputs are scored one sample at a time and never all held."""
-    total, count = 0.0, 0
-    for o, t in zip(outs, targets):
-        o, t = o.float().reshape(-1, o.shape[-1]), t.float().reshape(-1, t.shape[-1])
-        total += float(((o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).sum())
-        count += o.shape[0]
-    return total / max(count, 1)
 
 
 def guard_layer(run: Run, subs: dict[str, nn.Module], fallbacks: dict[str, torch.Tensor],
@@ -87,24 +74,12 @@ def guard_layer(run: Run, subs: dict[str, nn.Module], fallbacks: dict[str, torch
 
 
 class LayerGuard:
-    """The strategy the calibration loop runs for `--order best`: it carries the dense model's hidden states
-    (`targets`) and settles each decoder layer with `guard_layer`."""
-
-    def __init__(self) -> None:
-        self.targets: list[torch.Tensor] = []
-
-    def advance(self, run: Run, collected: list[torch.Tensor]) -> None:
-        """Before a layer is pruned: its dense outputs on the dense stream. At the first layer both streams hold
-        the same inputs, so the statistics pass's outputs (`collected`) are those; later, the dense layer runs on
-        the dense stream, in place."""
-        if not self.targets:
-            self.targets = collected
-            return
-        for i, x in enumerate(self.targets):
-            self.targets[i] = run([x])[0]
+    """The strategy the calibration loop runs for `--order best` after a decoder layer's sublayers are pruned: it
+    weighs the fallbacks against the chosen weights on the dense stream's targets (dense_stream.py)."""
 
     def settle(self, run: Run, subs: dict[str, nn.Module], fallbacks: dict[str, Candidate | None],
-               inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict | None]:
-        """After a layer is pruned: weigh the fallbacks (sublayer -> Candidate or None) against the chosen weights."""
+               inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict | None]:
+        """Weigh the fallbacks (sublayer -> Candidate or None) against the chosen weights; returns the kept layer's
+        outputs and the decision."""
         weights = {name: c.weight for name, c in fallbacks.items() if c is not None}
-        return guard_layer(run, subs, weights, inputs, self.targets)
+        return guard_layer(run, subs, weights, inputs, targets)

@@ -3,8 +3,11 @@
 1. capture the inputs of the first decoder layer for every calibration sample;
 2. for each layer: collect statistics of every linear sublayer, prune them, then run the *pruned* layer to get
    the inputs of the next one.
-A method may supply a layer guard (`--order best` does, see best_order.py): it carries the dense model's hidden
-states and settles each layer after its sublayers are pruned; the loop runs it without knowing the method.
+Two optional stages compare a pruned layer with the dense model, whose hidden states the loop then carries beside
+the pruned ones (the dense stream, dense_stream.py): a method's layer guard (`--order best` supplies one, see
+best_order.py), which settles each layer after its sublayers are pruned, and the refit (`cfg.refit`, refit.py),
+which reconstructs the layer's output with its masks frozen, after the guard and before the outputs are passed
+on. The loop runs both without knowing the method.
 Only the current layer (plus embeddings) sits on the compute device, so models larger than it can be pruned.
 """
 from __future__ import annotations
@@ -21,9 +24,11 @@ from tqdm.auto import tqdm
 
 from .arch import all_sublayers, decoder_layers, get_weight, linear_sublayers, set_weight
 from .config import PruneConfig
+from .dense_stream import DenseStream, token_error
 from .errors import RoseError
 from .methods import Candidate, layer_guard, prune_weight
 from .offload import all_but_on_device, calibration_mode, full_fp32, on_device, to_device
+from .refit import refit_layer
 from .solver import reconstruction_error
 from .stats import InputStats
 
@@ -104,9 +109,11 @@ def _zero_fraction(module: nn.Module) -> float:
 
 
 def sublayer_record(layer: int, name: str, module: nn.Module, info: dict[str, Any], rel_error: float,
-                    seconds: float, fallback: Candidate | None, decision: dict | None) -> dict[str, Any]:
+                    seconds: float, fallback: Candidate | None, decision: dict | None,
+                    refit: dict | None = None) -> dict[str, Any]:
     """The recipe's record of one sublayer, written once its decoder layer is settled (a layer guard may have put
-    the fallback in place of the method's first answer)."""
+    the fallback in place of the method's first answer; a refit may have changed the kept weights, so `rel_error`
+    is the pruned weight's, before the refit, and the decoder layer's errors before and after are in `refit`)."""
     rec = {"layer": layer, "name": name, "shape": list(get_weight(module).shape), "sparsity": _zero_fraction(module),
            "rel_error": round(rel_error, 6), "seconds": round(seconds, 4), **info}
     if decision is not None:
@@ -114,6 +121,8 @@ def sublayer_record(layer: int, name: str, module: nn.Module, info: dict[str, An
         if decision["kept"] == "sparsegpt" and fallback is not None:
             rec["order_before_guard"], rec["order"] = rec["order"], fallback.order
             rec["rel_error"] = fallback.rel_error
+    if refit is not None:
+        rec["refit"] = refit
     return rec
 
 
@@ -124,6 +133,7 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
     records: list[dict] = []
     layers = decoder_layers(model)
     guard = layer_guard(cfg)  # a strategy of the method (`--order best`), or None
+    dense = DenseStream() if guard is not None or cfg.refit else None
     with calibration_mode(model), full_fp32():
         inputs, kwargs = capture_inputs(model, calib, device)
         kwargs = to_device(kwargs, device)
@@ -132,8 +142,8 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                 subs = linear_sublayers(model, layer)
                 run = functools.partial(run_layer, layer, kwargs=kwargs)
                 stats, outs = collect_stats(layer, subs, inputs, kwargs, device)
-                if guard is not None:
-                    guard.advance(run, outs)
+                if dense is not None:
+                    dense.advance(run, outs)
                 del outs  # the next layer's inputs come from the pruned layer
                 infos, fallbacks, errors, seconds, line = {}, {}, {}, {}, []
                 for name, mod in subs.items():
@@ -148,12 +158,18 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                                                                                else ""))
                     del stats[name], result, W
                 log.info("layer %d rel. error %s", idx, " ".join(line))  # * = reordered by ROSE
-                decision = None
+                decision = refit = None
                 if guard is not None:
-                    inputs, decision = guard.settle(run, subs, fallbacks, inputs)
+                    outs, decision = guard.settle(run, subs, fallbacks, inputs, dense.targets)
                 else:
-                    inputs = run(inputs)
+                    outs = run(inputs)
+                if cfg.refit:
+                    before = token_error(outs, dense.targets)
+                    del outs  # the refit holds the inputs and targets only, then the outputs it keeps
+                    outs, refit = refit_layer(layer, run, subs, inputs, dense.targets, before, cfg, idx)
+                inputs = outs
+                del outs
                 records += [sublayer_record(idx, name, subs[name], infos[name], errors[name], seconds[name],
-                                            fallbacks[name], decision) for name in subs]
+                                            fallbacks[name], decision, refit) for name in subs]
                 del fallbacks
     return records

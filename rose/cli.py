@@ -29,18 +29,23 @@ def prune(model, out, overwrite, do_eval, eval_data, eval_seqlen, max_tokens, qu
 
     setup_logging(quiet)
     cfg = config_from_options(**opts)
-    check_output(out, overwrite, [("--model", model), ("--calib", cfg.calib), ("--eval-data", eval_data)])
-    check_sources(cfg.calib, *([eval_data] if do_eval else []))
-    eval_rows = None
+    inputs = [("--model", model), ("--calib", cfg.calib), *(("--eval-data", d) for d in eval_data)]
+    check_output(out, overwrite, inputs)
+    check_sources(cfg.calib, *(eval_data if do_eval else ()))
+    eval_rows = []
     if do_eval:  # every input is read and checked before hours of pruning, not after
         check_context(model, eval_seqlen, "--eval-seqlen")
-        eval_rows = load_rows(eval_data, "test")
+        eval_rows = [load_rows(d, "test") for d in eval_data]
     with logging_redirect_tqdm():  # per-layer log lines print above the progress bar, not through it
         pruned, tokenizer, recipe = api.prune(model, cfg, progress=not quiet)
     if do_eval:
-        recipe.results["eval"] = api.evaluate(pruned, tokenizer, eval_data, eval_seqlen, max_tokens, cfg.device,
-                                              progress=not quiet, flag="--eval-seqlen", rows=eval_rows)
-        click.echo(f"perplexity {recipe.results['eval']['perplexity']:.3f}")
+        results = [api.evaluate(pruned, tokenizer, data, eval_seqlen, max_tokens, cfg.device, progress=not quiet,
+                                flag="--eval-seqlen", rows=rows) for data, rows in zip(eval_data, eval_rows)]
+        recipe.results["eval"] = results[0]
+        if len(results) > 1:
+            recipe.results["eval_extra"] = results[1:]
+        for r in results:
+            click.echo(f"perplexity {r['perplexity']:.3f}" + (f" ({r['data']})" if len(results) > 1 else ""))
     api.save_pruned(pruned, tokenizer, recipe, out, overwrite)
     click.echo(f"wrote {out}")
 
@@ -48,7 +53,9 @@ def prune(model, out, overwrite, do_eval, eval_data, eval_seqlen, max_tokens, qu
 @click.command("eval")
 @model_option
 @stack(
-    click.option("--data", default=DEFAULT_EVAL_DATA, show_default=True, help="wikitext2, c4 or a local text file."),
+    click.option("--data", multiple=True, default=[DEFAULT_EVAL_DATA], show_default=True,
+                 help="wikitext2, c4, pydoc or a local text file; repeat for more texts (JSON: the first at the top, "
+                      "the others under eval_extra)."),
     click.option("--seqlen", type=click.IntRange(min=2), default=DEFAULT_EVAL_SEQLEN, show_default=True,
                  help="Window length."),
     click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the first windows."),
@@ -66,10 +73,15 @@ def eval_cmd(model, data, seqlen, max_tokens, device, as_json) -> None:
     setup_logging(True)
     api.check_device(device)
     check_context(model, seqlen, "--seqlen")
-    rows = load_rows(data, "test")  # before the model: a bad file fails in a second, not after the load
+    rows = [load_rows(d, "test") for d in data]  # before the model: a bad file fails in a second, not after the load
     m, tok = load_model(model)
-    result = api.evaluate(m, tok, data, seqlen, max_tokens, device, progress=False, rows=rows)
-    click.echo(json.dumps({"model": model, **result}) if as_json else f"perplexity {result['perplexity']:.3f}")
+    results = [api.evaluate(m, tok, d, seqlen, max_tokens, device, progress=False, rows=r) for d, r in zip(data, rows)]
+    if as_json:
+        click.echo(json.dumps({"model": model, **results[0], **({"eval_extra": results[1:]} if len(results) > 1
+                                                                 else {})}))
+    else:
+        for r in results:
+            click.echo(f"perplexity {r['perplexity']:.3f}" + (f" ({r['data']})" if len(results) > 1 else ""))
 
 
 COMMANDS = [prune, eval_cmd]

@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from .config import (DEFAULT_EVAL_DATA, DEFAULT_EVAL_SEQLEN, ORDERS, ROSE_ORDER_MODES, SCALERS, WITHIN_GROUP,
-                     PruneConfig, Sparsity)
+from .config import (DEFAULT_EVAL_DATA, DEFAULT_EVAL_SEQLEN, ORDERS, REFIT_LOSSES, ROSE_ORDER_MODES, SCALERS,
+                     WITHIN_GROUP, PruneConfig, Sparsity)
 from .errors import RoseError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
@@ -127,13 +127,30 @@ def prune_options(f):
         click.option("--order", type=click.Choice(ORDERS), default=_default("order"), show_default=True,
                      help="best: per sublayer, keep the lowest-error of identity, ROSE and diag(H) orders; then per "
                           "decoder layer, fall back to plain SparseGPT where that lies closer to the dense model."),
+        click.option("--refit", is_flag=True, default=_default("refit"),
+                     help="After pruning each decoder layer, optimise its kept weights (masks frozen) so that its "
+                          "output on the pruned model's hidden states matches the dense layer's; kept per layer only "
+                          "where it lands closer. Any method and pattern; calibration data only."),
+        click.option("--refit-steps", type=click.IntRange(min=1), default=_default("refit_steps"), show_default=True,
+                     help="Refit: Adam steps per decoder layer, one calibration window each."),
+        click.option("--refit-lr", type=click.FloatRange(min=0, min_open=True), default=_default("refit_lr"),
+                     show_default=True, help="Refit: Adam learning rate."),
+        click.option("--refit-samples", type=click.IntRange(min=1), default=_default("refit_samples"),
+                     help="Refit: train on the first N calibration windows only  [default: all]."),
+        click.option("--refit-loss", type=click.Choice(REFIT_LOSSES), default=_default("refit_loss"),
+                     show_default=True, help="Refit: per-token relative error of the layer output, or plain MSE."),
+        click.option("--refit-norms", is_flag=True, default=_default("refit_norms"),
+                     help="Refit: also train the decoder layer's norm weights and biases (an ablation: "
+                          "docs/quality/refit)."),
     )(f)
 
 
 def eval_options(f):
     return stack(
-        click.option("--eval-data", default=DEFAULT_EVAL_DATA, show_default=True,
-                     help="Perplexity text: wikitext2, c4 or a local text file (e.g. WikiText-2 raw test)."),
+        click.option("--eval-data", multiple=True, default=[DEFAULT_EVAL_DATA], show_default=True,
+                     help="Perplexity text: wikitext2, c4, pydoc (Python's own documentation, shipped with Python) "
+                          "or a local text file (e.g. WikiText-2 raw test). Repeat for more texts: the first is "
+                          "the recipe's `eval`, the others its `eval_extra`."),
         click.option("--eval-seqlen", type=click.IntRange(min=2), default=DEFAULT_EVAL_SEQLEN, show_default=True,
                      help="Window length of the perplexity evaluation."),
         click.option("--max-tokens", type=click.IntRange(min=2), default=None,

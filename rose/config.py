@@ -16,6 +16,9 @@ RECIPE_VERSION = 1
 DEFAULT_BLOCKSIZE = 128   # SparseGPT's lazy-update block width
 DEFAULT_PERCDAMP = 0.01   # SparseGPT's damping, a fraction of mean(diag H)
 DEFAULT_THRESHOLD = 0.5   # ROSE's columnar threshold on the relative range of block losses (the paper's)
+# the refit after pruning (refit.py): Adam steps per decoder layer (one calibration window each), learning rate
+DEFAULT_REFIT_STEPS = 64
+DEFAULT_REFIT_LR = 1e-3
 DEFAULT_EVAL_DATA = "wikitext2"
 DEFAULT_EVAL_SEQLEN = 2048
 # the choices of PruneConfig's string fields; the CLI offers exactly these
@@ -24,6 +27,7 @@ WITHIN_GROUP = ("keep", "sort")                           # N:M: columns inside 
 SCALERS = ("uniform", "reference")                        # reference = the released code's 1/k weighting
 ORDERS = ("rose", "best")                                 # best = candidate search + decoder-layer guard
 DEVICES = ("cpu", "cuda")
+REFIT_LOSSES = ("relative", "mse")   # per-token relative error (as the layer guard measures it), or plain MSE
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,13 @@ class PruneConfig:
     rose_within_group: str = "keep"
     rose_scaler: str = "uniform"
     order: str = "rose"
+    # the refit after pruning (any method): each decoder layer's kept weights reconstruct the dense layer's output
+    refit: bool = False
+    refit_steps: int = DEFAULT_REFIT_STEPS
+    refit_lr: float = DEFAULT_REFIT_LR
+    refit_samples: int | None = None     # calibration windows the refit trains on; None = all of them
+    refit_loss: str = "relative"
+    refit_norms: bool = False            # also train the layer's norm weights and biases (unmasked)
 
     def __post_init__(self) -> None:
         from .methods import METHODS  # the registry imports this module
@@ -87,15 +98,21 @@ class PruneConfig:
         if not isinstance(self.sparsity, Sparsity):
             object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
         choices = {"method": tuple(sorted(METHODS)), "rose_order": ROSE_ORDER_MODES,
-                   "rose_within_group": WITHIN_GROUP, "rose_scaler": SCALERS, "order": ORDERS}
+                   "rose_within_group": WITHIN_GROUP, "rose_scaler": SCALERS, "order": ORDERS,
+                   "refit_loss": REFIT_LOSSES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise RoseError(f"unknown {_flag(name)} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
-        for name, low in (("nsamples", 1), ("seqlen", 2), ("blocksize", 1)):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+        for name, low in (("nsamples", 1), ("seqlen", 2), ("blocksize", 1), ("refit_steps", 1)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
                 raise RoseError(f"{_flag(name)} must be an integer >= {low}, got {getattr(self, name)!r}")
-        if not self.percdamp > 0:
-            raise RoseError(f"--percdamp must be > 0, got {self.percdamp!r}")
+        for name in ("percdamp", "refit_lr"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise RoseError(f"{_flag(name)} must be > 0, got {getattr(self, name)!r}")
+        if self.refit_samples is not None and not (_is_int(self.refit_samples)
+                                                   and 1 <= self.refit_samples <= self.nsamples):
+            raise RoseError(f"--refit-samples must be an integer from 1 to --nsamples ({self.nsamples}), "
+                            f"got {self.refit_samples!r}")
         if str(self.device).split(":")[0] not in DEVICES:
             raise RoseError(f"unknown --device {self.device!r}: use cpu or cuda")
         if self.order == "best" and self.method != "rose":
@@ -125,6 +142,10 @@ def parse_list(text: str | Iterable[str], flag: str, *, choices: Iterable[str] |
     if unknown:
         raise RoseError(f"unknown {what} {unknown[0]!r}{allowed}")
     return names
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _flag(name: str) -> str:

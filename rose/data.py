@@ -1,4 +1,11 @@
-"""Calibration and evaluation text through `datasets`: hub names (`wikitext2`, `c4`) or local files."""
+"""Calibration and evaluation text through `datasets`: hub names (`wikitext2`, `c4`) or local files, and `pydoc`,
+a text that ships with Python itself.
+
+`pydoc` is the documentation of Python's language and built-ins that `help()` shows: the standard library module
+`pydoc_data.topics` (PSF license, shipped with every CPython), its topics joined in sorted order. It is a second
+domain (technical English with code and grammar rules) that WikiText calibration never sees, and needs no network
+and no download; the text follows the Python release, which every recipe records (`versions.python`).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +24,18 @@ HUB_SPLITS = {  # name -> (path, config, calibration split, evaluation split)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test"),
     "c4": ("allenai/c4", None, "train", "validation"),
 }
+BUILTIN = ("pydoc",)   # sources that ship with Python and need neither a hub nor a file
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+def pydoc_rows() -> list[str]:
+    """The topics of Python's own documentation (`pydoc_data.topics`, PSF license), in sorted order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions split the module off
+        raise RoseError("data source 'pydoc' needs the standard library module pydoc_data, which this Python "
+                        "lacks") from None
+    return [topics[k] for k in sorted(topics)]
 
 
 def is_local(source: str) -> bool:
@@ -32,8 +50,9 @@ def check_sources(*sources: str) -> None:
         if is_local(source):
             if not Path(source).expanduser().is_file():
                 raise RoseError(f"calibration/evaluation file {source} does not exist (or is not a file)")
-        elif source not in HUB_SPLITS:
-            raise RoseError(f"unknown data source {source!r}: use wikitext2, c4, or a .txt/.jsonl/.parquet file")
+        elif source not in HUB_SPLITS and source not in BUILTIN:
+            raise RoseError(f"unknown data source {source!r}: use wikitext2, c4, pydoc, or a .txt/.jsonl/.parquet "
+                            f"file")
 
 
 @contextlib.contextmanager
@@ -67,8 +86,11 @@ def _datasets():
 
 
 def load_rows(source: str, split: str = "train") -> list[str]:
-    """Text rows of a local file (one row per line for text, the `text` field otherwise) or a hub dataset."""
+    """Text rows of a local file (one row per line for text, the `text` field otherwise), a hub dataset, or a
+    built-in source (`pydoc`: one row per topic; it has no splits)."""
     check_sources(source)
+    if source in BUILTIN and not is_local(source):
+        return [t for t in pydoc_rows() if t.strip()]
     path = Path(source).expanduser()
     datasets = _datasets()
     if datasets is None:

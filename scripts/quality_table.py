@@ -1,7 +1,9 @@
 """Render the README quality tables from the recipes that scripts/quality_runs.sh leaves under RUNS_DIR.
 
 Usage: python scripts/quality_table.py RUNS_DIR [--json OUT.json]
-Perplexity cells show seed 0; where seeds 1 and 2 were run too, another table gives mean +- std over seeds.
+Perplexity cells show seed 0; where seeds 1 and 2 were run too, another table gives mean +- std over seeds. Runs
+that also scored the second text (`--eval-data pydoc`, the recipe's `eval_extra`) get its tables too, and runs
+with `--refit` the refit's layer errors before and after.
 Wall-clock pruning times stay in the recipes (`prune_seconds`) but not in the table: on a shared machine they
 measure the load; scripts/solver_timing.py measures the methods' costs side by side instead.
 """
@@ -13,12 +15,28 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from rose.config import PruneConfig
+
 PATTERNS = ["0.5", "0.6", "0.7", "4:8", "2:4"]
 HEAD = {"0.5": "50%", "0.6": "60%", "0.7": "70%", "4:8": "4:8", "2:4": "2:4"}
-ROWS = ["magnitude", "wanda", "sparsegpt", "rose", "rose --order best"]
+ROWS = ["magnitude", "wanda", "sparsegpt", "rose", "rose --order best", "magnitude --refit", "wanda --refit",
+        "sparsegpt --refit", "rose --refit", "rose --order best --refit"]
+SECOND = "pydoc"   # the second evaluation text (rose/data.py)
+REFIT_DEFAULTS = {k: PruneConfig.default(k) for k in ("refit_steps", "refit_lr", "refit_samples", "refit_loss")}
 
 
 def label(cfg: dict) -> str:
+    base = method_label(cfg)
+    if not cfg.get("refit"):
+        return base
+    extras = [f"--{k.replace('_', '-')} " + (f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k]))
+              for k, v in REFIT_DEFAULTS.items() if cfg.get(k, v) != v]
+    if cfg.get("refit_norms"):
+        extras.append("--refit-norms")
+    return " ".join([base, "--refit", *extras])
+
+
+def method_label(cfg: dict) -> str:
     name = cfg["method"]
     if name == "rose":
         if cfg.get("order") == "best":
@@ -48,8 +66,45 @@ def collect(runs: Path) -> tuple[dict, dict]:
         cfg = rec["config"]
         threads = rec.get("versions", {}).get("torch_threads", "unrecorded")
         table[(label(cfg), cfg["sparsity"], cfg["seed"])] = {**rec["results"], **guard_gap(rec.get("layers", [])),
-                                                             "torch_threads": threads}
+                                                             "torch_threads": threads,
+                                                             "second": second_text(rec["results"]),
+                                                             "layer_records": refit_errors(rec.get("layers", []))}
     return table, dense
+
+
+def refit_errors(records: list[dict]) -> list[float]:
+    """Per decoder layer, the refit's final distance to the dense outputs (after, where kept; else before)."""
+    fits = {r["layer"]: r["refit"] for r in records if "refit" in r}
+    return [f["error_after"] if f["kept"] == "refit" else f["error_before"] for _, f in sorted(fits.items())]
+
+
+def second_text(results: dict) -> float | None:
+    """Perplexity on the second text, where the run scored it."""
+    return next((e["perplexity"] for e in results.get("eval_extra", []) if e["data"] == SECOND), None)
+
+
+def seed_table(title: str, table: dict, labels: list[str], value) -> list[str]:
+    """Mean +- standard deviation over seeds 0, 1, 2 of `value(results)`, for every cell that has all three."""
+    seeds = defaultdict(dict)
+    for (r, p, s), res in table.items():
+        if value(res) is not None:
+            seeds[(r, p)][s] = value(res)
+    multi = {k: v for k, v in seeds.items() if {0, 1, 2} <= set(v)}
+    if not multi:
+        return []
+    out = [f"\n{title} (mean +- standard deviation over calibration seeds 0, 1, 2):\n"]
+    pats = [p for p in PATTERNS if any(k[1] == p for k in multi)]
+    out.append("| method | " + " | ".join(HEAD[p] for p in pats) + " |")
+    out.append("|---|" + "---|" * len(pats))
+    for r in labels:
+        if not any(k[0] == r for k in multi):
+            continue
+        cells = []
+        for p in pats:
+            v = [multi[(r, p)][s] for s in (0, 1, 2)] if (r, p) in multi else None
+            cells.append(f"{statistics.mean(v):.2f} +- {statistics.stdev(v):.2f}" if v else "")
+        out.append(f"| {r} | " + " | ".join(cells) + " |")
+    return out
 
 
 def guard_gap(records: list[dict]) -> dict:
@@ -57,10 +112,14 @@ def guard_gap(records: list[dict]) -> dict:
     guards = {r["layer"]: r["layer_guard"] for r in records if "layer_guard" in r}
     gaps = sorted(abs(g["error_best"] - g["error_sparsegpt"]) / g["error_sparsegpt"] * 100
                   for g in guards.values() if g["error_sparsegpt"] > 0)
-    return {"guard_gap_median_pct": statistics.median(gaps), "guard_gap_max_pct": gaps[-1]} if gaps else {}
+    if not gaps:
+        return {}
+    kept = [g["error_best"] if g["kept"] == "best" else g["error_sparsegpt"] for _, g in sorted(guards.items())]
+    return {"guard_gap_median_pct": statistics.median(gaps), "guard_gap_max_pct": gaps[-1],
+            "layer_error_mean": statistics.mean(kept), "layer_error_last": kept[-1]}
 
 
-def render(table: dict, dense: dict | None) -> str:
+def render(table: dict, dense: dict | None) -> str:  # noqa: C901 (one table after another)
     # the thread count moves SparseGPT's masks (scripts/quality_runs.sh): say whether the cells are comparable
     threads = defaultdict(int)
     for res in table.values():
@@ -82,7 +141,8 @@ def render(table: dict, dense: dict | None) -> str:
         out.append(f"| {r} | " + " | ".join(cells) + " |")
 
     out.append("\nMean relative reconstruction error `||WX - W'X|| / ||WX||` over the 210 sublayers (on each "
-               "sublayer's own calibration inputs; seed 0) and, for ROSE, the share of sublayers found columnar:\n")
+               "sublayer's own calibration inputs; seed 0; for `--refit` rows, of the weights as pruned, before the "
+               "refit) and, for ROSE, the share of sublayers found columnar:\n")
     out.append("| method | " + " | ".join(HEAD[p] for p in PATTERNS) + " |")
     out.append("|---|" + "---|" * len(PATTERNS))
     for r in main:
@@ -116,23 +176,39 @@ def render(table: dict, dense: dict | None) -> str:
                 f"{r['guard_gap_median_pct']:.2f}% ({r['guard_gap_max_pct']:.2f}%)" if "guard_gap_median_pct" in r
                 else "" for r in best.values()) + " |")
 
-    seeds = defaultdict(dict)
-    for (r, p, s), res in table.items():
-        seeds[(r, p)][s] = res["eval"]["perplexity"]
-    multi = {k: v for k, v in seeds.items() if len(v) >= 3}
-    if multi:
-        out.append("\nOver calibration seeds 0, 1, 2 (mean +- standard deviation of perplexity):\n")
-        pats = [p for p in PATTERNS if any(k[1] == p for k in multi)]
+    out += seed_table("Perplexity on WikiText-2", table, labels, lambda res: res["eval"]["perplexity"])
+
+    second = [r for r in labels if any(k[0] == r and res["second"] is not None for k, res in table.items())]
+    if second or (dense and "eval_extra" in dense):
+        out.append(f"\nPerplexity on the second text, `{SECOND}` (Python's own documentation; calibration never sees "
+                   "it), seed 0:\n")
+        pats = [p for p in PATTERNS if any(k[1] == p and res["second"] is not None for k, res in table.items())]
         out.append("| method | " + " | ".join(HEAD[p] for p in pats) + " |")
         out.append("|---|" + "---|" * len(pats))
-        for r in labels:
-            if not any(k[0] == r for k in multi):
-                continue
-            cells = []
-            for p in pats:
-                v = multi.get((r, p))
-                cells.append(f"{statistics.mean(v.values()):.2f} +- {statistics.stdev(v.values()):.2f}" if v else "")
-            out.append(f"| {r} | " + " | ".join(cells) + " |")
+        if dense and "eval_extra" in dense:
+            out.append(f"| dense | {second_text(dense):.2f} |" + " |" * (len(pats) - 1))
+        for r in second:
+            cells = [table.get((r, p, 0), {}).get("second") for p in pats]
+            out.append(f"| {r} | " + " | ".join(f"{c:.2f}" if c is not None else "" for c in cells) + " |")
+        out += seed_table(f"Perplexity on `{SECOND}`", table, labels, lambda res: res["second"])
+
+    refits = [(r, p) for r in labels for p in PATTERNS if "refit" in table.get((r, p, 0), {})]
+    if refits:
+        out.append("\nThe refit, seed 0: decoder layers kept refitted (of 30), and the mean over layers of the "
+                   "distance to the dense model's layer outputs (mean per-token relative error), as pruned -> as "
+                   "kept:\n")
+        out.append("| method | pattern | layers kept | layer error before -> after | last layer, after | the same "
+                   "without the refit: mean (last layer), from the layer guard's records |")
+        out.append("|---|---|---|---|---|---|")
+        for r, p in refits:
+            res = table[(r, p, 0)]
+            f = res["refit"]
+            last = res["layer_records"][-1]
+            plain = table.get((r.split(" --refit")[0], p, 0), {})
+            base = (f"{plain['layer_error_mean']:.4f} ({plain['layer_error_last']:.4f})"
+                    if "layer_error_mean" in plain else "")
+            out.append(f"| {r} | {HEAD[p]} | {f['kept']} of {f['layers']} | {f['mean_error_before']:.4f} -> "
+                       f"{f['mean_error_after']:.4f} | {last:.4f} | {base} |")
 
     ablation = [r for r in labels if r not in ROWS and (r, "0.7", 0) in table]
     if ablation:

@@ -5,8 +5,10 @@ method solves every sublayer, the methods interleaved per sublayer so that machi
 Reports seconds per method and pattern and the ratio to SparseGPT, and the time of the statistics pass that
 every method shares (a full pruning run makes it twice per layer: collect, then propagate the pruned outputs).
 With --whole-runs, it also times complete sequential pruning runs (`prune_model` on a fresh copy of the model,
-SparseGPT, ROSE and `--order best` back to back per pattern): these include the forward passes, and for
-`--order best` the decoder-layer guard's extra ones.
+SparseGPT, ROSE, `--order best` and, with the refit, SparseGPT and `--order best` back to back per pattern): these
+include the forward passes, for `--order best` the decoder-layer guard's extra ones, and for `--refit` its
+training steps and the forward that measures the refitted layer (`--refit-steps`, `--refit-lr` as in the CLI;
+the refit's cost is per step, so its share depends on --nsamples: time it with the quality runs' 64).
 Usage:
     python scripts/solver_timing.py --calib ../shared/data/wikitext2/valid.tokens.txt --out timing.json
 """
@@ -30,6 +32,10 @@ from rose.offload import calibration_mode
 VARIANTS = {"magnitude": dict(method="magnitude"), "wanda": dict(method="wanda"),
             "sparsegpt": dict(method="sparsegpt"), "rose": dict(method="rose"),
             "rose --order best": dict(method="rose", order="best")}
+WHOLE = {"sparsegpt": dict(method="sparsegpt"), "rose": dict(method="rose"),
+         "rose --order best": dict(method="rose", order="best"),
+         "sparsegpt --refit": dict(method="sparsegpt", refit=True),
+         "rose --order best --refit": dict(method="rose", order="best", refit=True)}
 
 
 def collect(model, calib):
@@ -53,6 +59,10 @@ def main() -> None:
     ap.add_argument("--patterns", default="0.5,0.7,4:8,2:4")
     ap.add_argument("--out", required=True)
     ap.add_argument("--whole-runs", action="store_true", help="also time complete pruning runs per method")
+    ap.add_argument("--whole-variants", default=",".join(WHOLE),
+                    help=f"which whole runs, comma-separated (sparsegpt first): {', '.join(WHOLE)}")
+    ap.add_argument("--refit-steps", type=int, default=PruneConfig.default("refit_steps"))
+    ap.add_argument("--refit-lr", type=float, default=PruneConfig.default("refit_lr"))
     args = ap.parse_args()
     model, tok = load_model(args.model)
     calib = calibration_windows(tok, args.calib, args.nsamples, args.seqlen, 0)
@@ -75,9 +85,10 @@ def main() -> None:
     if args.whole_runs:
         for pattern in args.patterns.split(","):
             seconds = {}
-            for v in ("sparsegpt", "rose", "rose --order best"):
+            for v in args.whole_variants.split(","):
                 m = copy.deepcopy(model)
-                cfg = PruneConfig(sparsity=Sparsity.parse(pattern), **VARIANTS[v])
+                cfg = PruneConfig(sparsity=Sparsity.parse(pattern), nsamples=args.nsamples, seqlen=args.seqlen,
+                                  refit_steps=args.refit_steps, refit_lr=args.refit_lr, **WHOLE[v])
                 t0 = time.perf_counter()
                 prune_model(m, calib, cfg, progress=False)
                 seconds[v] = time.perf_counter() - t0
@@ -85,6 +96,7 @@ def main() -> None:
             whole += [{"pattern": pattern, "variant": v, "seconds": round(t, 2),
                        "vs_sparsegpt": round(t / seconds["sparsegpt"], 2)} for v, t in seconds.items()]
     result = {"model": args.model, "sublayers": len(subs), "threads": torch.get_num_threads(),
+              "refit": {"steps": args.refit_steps, "lr": args.refit_lr},
               "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen,
                               "statistics_pass_seconds": round(collect_s, 2)},
               "versions": versions(), "rows": rows, **({"whole_runs": whole} if whole else {})}

@@ -36,6 +36,28 @@ def test_prune_writes_model_and_recipe(tiny_dir, calib_file, tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary leftovers
 
 
+def test_prune_with_refit_and_two_eval_texts(tiny_dir, calib_file, tmp_path):
+    out = tmp_path / "pruned"
+    r = run(*prune_args(tiny_dir("llama"), calib_file, out, "--method", "sparsegpt", "--sparsity", "2:4", "--refit",
+                        "--refit-steps", 8, "--refit-lr", 1e-3, "--refit-samples", 2, "--eval", "--eval-data",
+                        calib_file, "--eval-data", "pydoc", "--eval-seqlen", 32, "--max-tokens", 64))
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((out / "rose_recipe.json").read_text())
+    cfg = recipe["config"]
+    assert (cfg["refit"], cfg["refit_steps"], cfg["refit_lr"], cfg["refit_samples"], cfg["refit_loss"]) == (
+        True, 8, 1e-3, 2, "relative")
+    fits = {r["layer"]: r["refit"] for r in recipe["layers"]}
+    assert sorted(fits) == [0, 1] and all({"error_before", "error_after", "kept"} <= set(f) for f in fits.values())
+    assert recipe["results"]["refit"]["layers"] == 2
+    assert recipe["results"]["eval"]["data"] == str(calib_file)
+    assert [e["data"] for e in recipe["results"]["eval_extra"]] == ["pydoc"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for i in range(2):
+        assert is_nm(model.model.layers[i].mlp.down_proj.weight, 2, 4)
+    one_line_error(run(*prune_args(tiny_dir("llama"), calib_file, tmp_path / "o2", "--refit", "--refit-samples", 5)),
+                   "--refit-samples must be an integer from 1 to --nsamples (4)")
+
+
 def test_existing_output_needs_overwrite(tiny_dir, calib_file, tmp_path):
     out = tmp_path / "pruned"
     out.mkdir()
@@ -121,7 +143,22 @@ def test_eval_command(tiny_dir, calib_file):
     r = run("eval", "--model", tiny_dir(), "--data", calib_file, "--seqlen", 32, "--max-tokens", 96, "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
-    assert result["windows"] == 3 and result["perplexity"] > 1
+    assert result["windows"] == 3 and result["perplexity"] > 1 and "eval_extra" not in result
+    r = run("eval", "--model", tiny_dir(), "--data", calib_file, "--data", "pydoc", "--seqlen", 32, "--max-tokens",
+            96, "--json")
+    both = json.loads(r.output.strip().splitlines()[-1])
+    assert both["perplexity"] == result["perplexity"] and both["eval_extra"][0]["data"] == "pydoc"
+    assert both["eval_extra"][0]["perplexity"] != result["perplexity"]
+
+
+def test_pydoc_is_a_built_in_text():
+    from pydoc_data.topics import topics
+
+    from rose.data import load_rows
+
+    rows = load_rows("pydoc", "test")
+    assert rows == load_rows("pydoc", "train") and len(rows) == len([t for t in topics.values() if t.strip()])
+    assert rows[0] == topics[sorted(topics)[0]] and any('The "if" statement' in r for r in rows)
 
 
 def test_console_script_help():

@@ -43,6 +43,13 @@ def test_prune_config_defaults_and_text_sparsity():
     (dict(device="tpu"), "unknown --device 'tpu'"),
     (dict(rose_order="diagonal"), "unknown --rose-order 'diagonal'"),
     (dict(rose_scaler="1/k"), "unknown --rose-scaler"),
+    (dict(refit=True, refit_steps=0), "--refit-steps must be an integer >= 1"),
+    (dict(refit_steps=2.5), "--refit-steps must be an integer >= 1"),
+    (dict(refit=True, refit_lr=0.0), "--refit-lr must be > 0"),
+    (dict(refit=True, refit_lr=-1e-4), "--refit-lr must be > 0"),
+    (dict(refit=True, nsamples=8, refit_samples=9), r"--refit-samples must be an integer from 1 to --nsamples \(8\)"),
+    (dict(refit=True, refit_samples=0), "--refit-samples must be an integer from 1"),
+    (dict(refit=True, refit_loss="l1"), "unknown --refit-loss 'l1'"),
 ])
 def test_prune_config_validates_itself(kwargs, fragment):
     """A library caller gets the CLI's one-line errors (the CLI builds its config the same way)."""
@@ -51,3 +58,16 @@ def test_prune_config_validates_itself(kwargs, fragment):
     with pytest.raises(RoseError, match=fragment) as err:
         PruneConfig(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_refit_defaults_live_in_one_place():
+    from rose.config import DEFAULT_REFIT_LR, DEFAULT_REFIT_STEPS, PruneConfig
+    from rose.clikit import prune_options
+
+    cfg = PruneConfig(refit=True)
+    assert (cfg.refit_steps, cfg.refit_lr, cfg.refit_samples, cfg.refit_loss) == (
+        DEFAULT_REFIT_STEPS, DEFAULT_REFIT_LR, None, "relative")
+    assert PruneConfig().refit is False
+    params = {p.name: p.default for p in prune_options(lambda **kw: None).__click_params__}
+    assert params["refit_steps"] == DEFAULT_REFIT_STEPS and params["refit_lr"] == DEFAULT_REFIT_LR
+    assert params["refit"] is False and params["refit_samples"] is None
