@@ -1,7 +1,8 @@
 """`onnx-sparse24`: the `onnx` graph with every 2:4 linear run by rose's own operator, so onnxruntime runs it sparse.
 
 Each 2:4 weight W (R x C) that the exported graph multiplies as `MatMul(X, Transpose(W))` becomes one node
-`rose.Sparse24MatMul(X, <W>.values, <W>.masks)` (attributes `rows`, `cols`), its weight stored in the kernel's
+`rose.Sparse24MatMul(X, <W>.values, <W>.masks)` (attributes `rows`, `cols`; weights that read the same X, as q/k/v
+and gate/up do, share one node over their stacked rows, followed by a Split), its weight stored in the kernel's
 panel-8 layout (`cpp/sparse24.h`: per panel of 8 rows and group of 4 columns, 16 kept values and one 32-bit word
 of 4-bit keep masks), which the operator reads in place: 2.125 of every 4 dense bytes in fp32, and no dense copy
 ever exists, in the file or in the session. Embeddings, `lm_head` and layers that are not 2:4 stay standard.
@@ -186,5 +187,5 @@ def write_sparse24_onnx(dense_dir: Path, out: Path, targets: dict[str, bool]) ->
     onnx.save_model(model, str(out / MODEL_FILE), save_as_external_data=external,
                     location=f"{MODEL_FILE}.data" if external else None)
     shutil.copy2(library, out / LIBRARY)
-    return {"sparse24_weights": len(done), "fused_nodes": fused, "skipped": skipped, "external_data": external, "custom_ops_library": LIBRARY,
-            "operator": f"{DOMAIN}.{OP}"}
+    return {"sparse24_weights": len(done), "fused_nodes": fused, "skipped": skipped, "external_data": external,
+            "custom_ops_library": LIBRARY, "operator": f"{DOMAIN}.{OP}"}
