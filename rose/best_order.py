@@ -69,8 +69,8 @@ def guard_layer(run: Run, subs: dict[str, nn.Module], fallbacks: dict[str, torch
             set_weight(subs[name], W)
     log.info("layer guard: best %.5f, sparsegpt %.5f -> kept %s", err_best, err_sgpt,
              "sparsegpt" if keep_sgpt else "best")
-    return outs, {"kept": "sparsegpt" if keep_sgpt else "best", "error_best": round(err_best, 6),
-                  "error_sparsegpt": round(err_sgpt, 6)}
+    return outs, {"kept": "sparsegpt" if keep_sgpt else "best", "fallback_kept": keep_sgpt,
+                  "error_best": round(err_best, 6), "error_sparsegpt": round(err_sgpt, 6)}
 
 
 class LayerGuard:
@@ -80,6 +80,6 @@ class LayerGuard:
     def settle(self, run: Run, subs: dict[str, nn.Module], fallbacks: dict[str, Candidate | None],
                inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict | None]:
         """Weigh the fallbacks (sublayer -> Candidate or None) against the chosen weights; returns the kept layer's
-        outputs and the decision."""
+        outputs and the decision (its `fallback_kept` tells the loop whose records to rewrite)."""
         weights = {name: c.weight for name, c in fallbacks.items() if c is not None}
         return guard_layer(run, subs, weights, inputs, targets)

@@ -49,8 +49,6 @@ def check_widths(model: nn.Module, cfg: PruneConfig) -> None:
     if bad:
         raise RoseError(f"{cfg.sparsity} needs input widths that are multiples of {m}; not: {', '.join(bad[:4])}"
                         + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
-    if cfg.method == "rose" and cfg.blocksize % m:
-        raise RoseError(f"--blocksize {cfg.blocksize} must be a multiple of M={m} for {cfg.sparsity}")
 
 
 def capture_inputs(model: nn.Module, calib: torch.Tensor, device: str) -> tuple[list[torch.Tensor], dict]:
@@ -118,7 +116,7 @@ def sublayer_record(layer: int, name: str, module: nn.Module, info: dict[str, An
            "rel_error": round(rel_error, 6), "seconds": round(seconds, 4), **info}
     if decision is not None:
         rec["layer_guard"] = decision
-        if decision["kept"] == "sparsegpt" and fallback is not None:
+        if decision["fallback_kept"] and fallback is not None:
             rec["order_before_guard"], rec["order"] = rec["order"], fallback.order
             rec["rel_error"] = fallback.rel_error
     if refit is not None:

@@ -117,6 +117,10 @@ class PruneConfig:
             raise RoseError(f"unknown --device {self.device!r}: use cpu or cuda")
         if self.order == "best" and self.method != "rose":
             raise RoseError("--order best applies to --method rose only")
+        if self.method == "rose" and self.sparsity.is_nm and self.blocksize % self.sparsity.m:
+            # ROSE pre-prunes whole 128-column blocks; an N:M group may not straddle two of them
+            raise RoseError(f"--blocksize {self.blocksize} must be a multiple of M={self.sparsity.m} "
+                            f"for {self.sparsity}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

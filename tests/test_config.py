@@ -50,6 +50,7 @@ def test_prune_config_defaults_and_text_sparsity():
     (dict(refit=True, nsamples=8, refit_samples=9), r"--refit-samples must be an integer from 1 to --nsamples \(8\)"),
     (dict(refit=True, refit_samples=0), "--refit-samples must be an integer from 1"),
     (dict(refit=True, refit_loss="l1"), "unknown --refit-loss 'l1'"),
+    (dict(method="rose", sparsity="4:8", blocksize=100), "--blocksize 100 must be a multiple of M=8 for 4:8"),
 ])
 def test_prune_config_validates_itself(kwargs, fragment):
     """A library caller gets the CLI's one-line errors (the CLI builds its config the same way)."""
