@@ -1,10 +1,12 @@
-"""The format registry: one entry per deployment format, each a writer plus what it needs.
+"""The format registry: one entry per deployment format: its writer, its parity check and what it needs.
 
-A writer gets the shared `ExportContext` and its own output directory, writes the format there, verifies it, and
-returns a `Written` (manifest info, parity result, layers left dense). What several formats share is made once,
-on first demand, by the context: the checkpoint cast to the requested dtype, and the dense ONNX graph with the
-PyTorch reference traces that every ONNX format is checked against. A new format is one `register(...)` here plus
-its module.
+A writer gets the shared `ExportContext` and its own output directory, writes the format there and returns a
+`Written` (manifest info, layers left dense). The format's check then reads what was written and compares it with
+the source (bit for bit, or logits and greedy tokens against PyTorch), raising on any difference; its result is
+the manifest's parity record. Both run inside the temporary output, so a format that fails its check never
+appears. What several formats share is made once, on first demand, by the context: the checkpoint cast to the
+requested dtype, and the dense ONNX graph with the PyTorch reference traces that every ONNX format is checked
+against. A new format is one `register(...)` here plus its module.
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ class Written:
     """What a writer reports for the manifest."""
 
     info: dict[str, Any]
-    parity: dict[str, Any] | None = None
     skipped: Any = None           # layers left dense (and why), where the format can leave some
 
 
@@ -79,9 +80,15 @@ class ExportContext:
 
 
 Writer = Callable[[ExportContext, Path], Written]
+Check = Callable[[ExportContext, Path, Written], "dict[str, Any] | None"]
 
 
 def always() -> None:
+    return None
+
+
+def unchecked(ctx: ExportContext, out: Path, done: Written) -> None:
+    """For a format that is the source itself (hf): nothing to compare."""
     return None
 
 
@@ -89,6 +96,7 @@ def always() -> None:
 class Format:
     name: str
     write: Writer
+    check: Check            # reads the written format back against the source; raises on a difference
     needs_24: bool          # only for 2:4 checkpoints (and in the default set only for them)
     loaded_by: str          # what reads it back (README)
     description: str = ""
@@ -113,10 +121,11 @@ def run(ctx: ExportContext) -> tuple[dict[str, dict], dict[str, Any], dict[str, 
     for name in ctx.formats:
         log.info("export: %s", name)
         start = time.perf_counter()
-        done = FORMATS[name].write(ctx, ctx.root / name)
+        fmt = FORMATS[name]
+        done = fmt.write(ctx, ctx.root / name)
+        if (checked := fmt.check(ctx, ctx.root / name, done)) is not None:
+            parity[name] = checked
         infos[name] = {**done.info, "seconds": round(time.perf_counter() - start, 2)}
-        if done.parity is not None:
-            parity[name] = done.parity
         if done.skipped is not None:
             skipped[name] = done.skipped
     shutil.rmtree(ctx.root / SCRATCH, ignore_errors=True)
@@ -136,8 +145,13 @@ def _hf(ctx: ExportContext, out: Path) -> Written:
 def _packed24(ctx: ExportContext, out: Path) -> Written:
     from . import packed24
 
-    info = packed24.write_packed24(ctx.cast_src, out)
-    return Written(info, parity={"round_trip": info.pop("round_trip")})
+    return Written(packed24.write_packed24(ctx.cast_src, out))
+
+
+def _packed24_check(ctx: ExportContext, out: Path, done: Written) -> dict[str, Any]:
+    from . import packed24
+
+    return packed24.check_packed24(ctx.cast_src, out)
 
 
 def _semi_structured(ctx: ExportContext, out: Path) -> Written:
@@ -145,17 +159,27 @@ def _semi_structured(ctx: ExportContext, out: Path) -> Written:
 
     info = semi_structured.write_semi_structured(ctx.src, out, ctx.semi_dtype)
     skipped = info.pop("skipped")
-    return Written(info, parity={"cutlass_packing": info.pop("cutlass_check")}, skipped=skipped)
+    return Written(info, skipped=skipped)
+
+
+def _semi_structured_check(ctx: ExportContext, out: Path, done: Written) -> dict[str, Any]:
+    from . import semi_structured
+
+    return semi_structured.check_semi_structured(ctx.src, out)
 
 
 def _onnx(ctx: ExportContext, out: Path) -> Written:
     dense = ctx.dense_onnx()  # written into `out` itself
     copy_aux(ctx.src.path, out)
-    return Written({**dense["info"], **dense["sparsity"], **write_genai_config(out)}, parity=dense["parity"])
+    return Written({**dense["info"], **dense["sparsity"], **write_genai_config(out)})
+
+
+def _onnx_check(ctx: ExportContext, out: Path, done: Written) -> dict[str, Any]:
+    """The dense graph's logits and greedy tokens against PyTorch (run when the context made the graph)."""
+    return ctx.dense_onnx()["parity"]
 
 
 def _onnx_packed24(ctx: ExportContext, out: Path) -> Written:
-    from . import verify
     from .onnx_export import MODEL_FILE
     from .onnx_packed import write_packed_onnx
 
@@ -163,15 +187,6 @@ def _onnx_packed24(ctx: ExportContext, out: Path) -> Written:
     bad = not_24(ctx.src)
     packed = write_packed_onnx(dense["dir"], out, {w: w[: -len(".weight")] not in bad for w in dense["weights"]})
     skipped = packed.pop("skipped")
-    names = [w for w in dense["weights"] if w not in skipped]
-    unpacked = verify.unpacked_weights(out / MODEL_FILE, names)
-    wrong = [n for n in names if unpacked[n].tobytes() != dense["state"][n].numpy().tobytes()]
-    if wrong:
-        raise RoseError(f"onnx-packed24 does not rebuild {', '.join(wrong[:4])} exactly: please report this")
-    result, traces = verify.onnx_parity(out / MODEL_FILE, dense["reference"], dense["ids"], dense["cache"])
-    same = verify.compare(dense["traces"], traces)
-    if same["max_abs_logits"] != 0.0 or not same["greedy_identical"]:
-        raise RoseError(f"onnx-packed24 differs from onnx: max |logit diff| {same['max_abs_logits']:.2e}")
     copy_aux(ctx.src.path, out)
     packed.update(write_genai_config(out))
     dense_bytes = sum(f.stat().st_size for f in dense["dir"].glob(f"{MODEL_FILE}*"))
@@ -180,12 +195,29 @@ def _onnx_packed24(ctx: ExportContext, out: Path) -> Written:
         log.warning("onnx-packed24 is %.1f%% of the dense ONNX file (embeddings and other dense tensors are "
                     "stored as they are)", 100 * packed_bytes / dense_bytes)
     return Written({**dense["info"], **packed, "weights_rebuilt": "bit-exact",
-                    "size_ratio_to_onnx": round(packed_bytes / dense_bytes, 4)},
-                   parity={**result, "identical_to_onnx": True}, skipped=skipped)
+                    "size_ratio_to_onnx": round(packed_bytes / dense_bytes, 4)}, skipped=skipped)
+
+
+def _onnx_packed24_check(ctx: ExportContext, out: Path, done: Written) -> dict[str, Any]:
+    """Every packed weight rebuilt by the graph's own ops equals the dense one bit for bit, and the graph's logits
+    equal the dense graph's exactly (and so PyTorch's as closely as the dense graph's)."""
+    from . import verify
+    from .onnx_export import MODEL_FILE
+
+    dense = ctx.dense_onnx()
+    names = [w for w in dense["weights"] if w not in done.skipped]
+    unpacked = verify.unpacked_weights(out / MODEL_FILE, names)
+    wrong = [n for n in names if unpacked[n].tobytes() != dense["state"][n].numpy().tobytes()]
+    if wrong:
+        raise RoseError(f"onnx-packed24 does not rebuild {', '.join(wrong[:4])} exactly: please report this")
+    result, traces = verify.onnx_parity(out / MODEL_FILE, dense["reference"], dense["ids"], dense["cache"])
+    same = verify.compare(dense["traces"], traces)
+    if same["max_abs_logits"] != 0.0 or not same["greedy_identical"]:
+        raise RoseError(f"onnx-packed24 differs from onnx: max |logit diff| {same['max_abs_logits']:.2e}")
+    return {**result, "identical_to_onnx": True}
 
 
 def _onnx_sparse24(ctx: ExportContext, out: Path) -> Written:
-    from . import verify
     from .onnx_export import MODEL_FILE
     from .onnx_sparse24 import LIBRARY, write_sparse24_onnx
 
@@ -193,29 +225,43 @@ def _onnx_sparse24(ctx: ExportContext, out: Path) -> Written:
     bad = not_24(ctx.src)
     info = write_sparse24_onnx(dense["dir"], out, {w: w[: -len(".weight")] not in bad for w in dense["weights"]})
     skipped = info.pop("skipped")
+    copy_aux(ctx.src.path, out)
+    info.update(write_genai_config(out, session_options={"custom_ops_library": LIBRARY}))
+    sizes = {d: sum(f.stat().st_size for f in d.glob(f"{MODEL_FILE}*")) for d in (dense["dir"], out)}
+    return Written({**dense["info"], **info, "size_ratio_to_onnx": round(sizes[out] / sizes[dense["dir"]], 4)},
+                   skipped=skipped)
+
+
+def _onnx_sparse24_check(ctx: ExportContext, out: Path, done: Written) -> dict[str, Any]:
+    """The graph on rose's operator against PyTorch (logits, greedy tokens) and against the dense graph."""
+    from . import verify
+    from .onnx_export import MODEL_FILE
+    from .onnx_sparse24 import LIBRARY
+
+    dense = ctx.dense_onnx()
     result, traces = verify.onnx_parity(out / MODEL_FILE, dense["reference"], dense["ids"], dense["cache"],
                                         custom_ops=out / LIBRARY)
     same = verify.compare(dense["traces"], traces)
     if not same["greedy_identical"]:
         raise RoseError("onnx-sparse24 chose other greedy tokens than onnx: please report this")
-    copy_aux(ctx.src.path, out)
-    info.update(write_genai_config(out, session_options={"custom_ops_library": LIBRARY}))
-    sizes = {d: sum(f.stat().st_size for f in d.glob(f"{MODEL_FILE}*")) for d in (dense["dir"], out)}
-    return Written({**dense["info"], **info, "size_ratio_to_onnx": round(sizes[out] / sizes[dense["dir"]], 4)},
-                   parity={**result, "max_abs_logits_vs_onnx": same["max_abs_logits"]}, skipped=skipped)
+    return {**result, "max_abs_logits_vs_onnx": same["max_abs_logits"]}
 
 
-register(Format("hf", _hf, False, "transformers `from_pretrained`",
+register(Format("hf", _hf, unchecked, False, "transformers `from_pretrained`",
                 "the pruned model, `save_pretrained` (safetensors, zeros kept) + `rose_recipe.json`"))
-register(Format("packed24", _packed24, True, "`runtime.load_packed24` (dense), `runtime.load_packed24_cpu` (C++ "
-                "kernel), compressed-tensors 0.14", "2:4 weights as kept values + bitmask (legacy `sparse-24-bitmask`)"))
-register(Format("semi-structured", _semi_structured, True,
+register(Format("packed24", _packed24, _packed24_check, True,
+                "`runtime.load_packed24` (dense), `runtime.load_packed24_cpu` (C++ kernel), compressed-tensors 0.14",
+                "2:4 weights as kept values + bitmask (legacy `sparse-24-bitmask`)"))
+register(Format("semi-structured", _semi_structured, _semi_structured_check, True,
                 "`runtime.load_sparse(path, backend=...)` on CUDA",
                 "the CUTLASS 2:4 layout (kept values + reordered metadata), packed on the CPU"))
-register(Format("onnx", _onnx, False, "onnxruntime, onnxruntime-genai (`genai_config.json`)",
+register(Format("onnx", _onnx, _onnx_check, False, "onnxruntime, onnxruntime-genai (`genai_config.json`)",
                 "the causal LM with KV cache (opset 18, `torch.onnx` dynamo exporter), every zero kept"))
-register(Format("onnx-packed24", _onnx_packed24, True, "onnxruntime, onnxruntime-genai (`genai_config.json`)",
+register(Format("onnx-packed24", _onnx_packed24, _onnx_packed24_check, True,
+                "onnxruntime, onnxruntime-genai (`genai_config.json`)",
                 "the same graph with 2:4 weights stored packed and rebuilt by standard ops folded at load"))
+
+
 def _operator_library() -> str | None:
     from .onnx_sparse24 import find_library
 
@@ -226,7 +272,7 @@ def _operator_library() -> str | None:
     return None
 
 
-register(Format("onnx-sparse24", _onnx_sparse24, True,
+register(Format("onnx-sparse24", _onnx_sparse24, _onnx_sparse24_check, True,
                 "onnxruntime with rose's operator library (in the directory; `runtime.ort.session`), onnxruntime-genai",
                 "the graph with every 2:4 linear run by rose's operator `rose.Sparse24MatMul` on packed weights",
                 _operator_library))

@@ -60,8 +60,8 @@ def cutlass_unpack(packed: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 def write_semi_structured(src: Source, out: Path, dtype: str = DEFAULT_DTYPE) -> dict:
-    """Write half-precision weights with every CUTLASS-eligible 2:4 linear packed, each packing checked by
-    unpacking it on the CPU against the dense weight."""
+    """Write half-precision weights with every CUTLASS-eligible 2:4 linear packed (`check_semi_structured` then
+    unpacks each on the CPU against the dense weight)."""
     from safetensors.torch import save_file
 
     require_24(src, "semi-structured")
@@ -87,10 +87,7 @@ def write_semi_structured(src: Source, out: Path, dtype: str = DEFAULT_DTYPE) ->
         if module in dense["cutlass"]:
             tensors[name] = t.contiguous()
             continue
-        values, meta = cutlass_pack(t)
-        if not bit_equal(cutlass_unpack(values, meta), t):
-            raise RoseError(f"the CUTLASS packing of {module} does not unpack to its weight: please report this")
-        tensors[f"{module}.packed"], tensors[f"{module}.meta"] = values, meta
+        tensors[f"{module}.packed"], tensors[f"{module}.meta"] = cutlass_pack(t)
         packed.append(module)
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
     index = {"format": "rose-semi-structured", "version": LAYOUT_VERSION, "layout": "cutlass", "dtype": dtype,
@@ -99,5 +96,19 @@ def write_semi_structured(src: Source, out: Path, dtype: str = DEFAULT_DTYPE) ->
     set_config_file_dtype(out / "config.json", dtype)
     config = not_for_transformers(json.loads((out / "config.json").read_text()), "semi-structured", LOADER)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return {"dtype": dtype, "packed_layers": len(packed), "cutlass_check": "unpacked on the CPU, bit-exact",
-            "skipped": dense}
+    return {"dtype": dtype, "packed_layers": len(packed), "skipped": dense}
+
+
+def check_semi_structured(src: Source, out: Path) -> dict:
+    """Read the written weights back and unpack every CUTLASS-packed linear on the CPU: it must equal the source
+    weight in the stored half precision, bit for bit."""
+    from safetensors.torch import load_file
+
+    stored = load_file(out / WEIGHTS)
+    index = json.loads((out / INDEX).read_text())
+    for module in index["packed"]:
+        weight = src.tensors[f"{module}.weight"].to(HALF[index["dtype"]])
+        if not bit_equal(cutlass_unpack(stored[f"{module}.packed"], stored[f"{module}.meta"]), weight):
+            raise RoseError(f"the CUTLASS packing of {module} does not unpack to its weight: please report this")
+    return {"cutlass_packing": "unpacked on the CPU, bit-exact"}
+

@@ -101,7 +101,7 @@ def linear_cmd(preset, model, shapes, tokens, dtypes, backends, warmup, iters, t
         raise RoseError("choose one source of shapes: --preset NAME, --model DIR, or --shapes OUTxIN alone")
     table: dict = {}
     if preset:
-        for name in (p.strip() for p in preset.split(",") if p.strip()):
+        for name in parse_list(preset, "--preset", choices=PRESETS, what="preset"):
             for shape, layers in preset_shapes(name).items():
                 table.setdefault(shape, []).extend(f"{name}:{n}" for n in layers)
     elif model:

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from rose.config import parse_list
+from rose.errors import RoseError
+
 KINDS = [  # (kind, pattern on the lower-cased kernel name), first match wins
     ("2:4 gemm", r"cusparselt|sparse24|sp_gemm|sm\d+_xmma_sparse|cutlass.*sparse|sparse.*cutlass|spmma|_sp_"),
     ("2:4 expand", r"expand24"),
@@ -147,11 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    allowed = {"torch-cuda", "cusparselt", "gpu24", "gpu24-cslt", "gpu24-triton"}
-    bad = [n for n in names if n not in allowed]
-    if bad or not names or args.layers < 1 or args.tokens < 1 or args.runs < 1:
-        print(f"Error: --backends from {', '.join(sorted(allowed))}; --layers, --tokens, --runs >= 1", file=sys.stderr)
+    allowed = ("cusparselt", "gpu24", "gpu24-cslt", "gpu24-triton", "torch-cuda")
+    try:
+        names = parse_list(args.backends, "--backends", choices=allowed, what="backend")
+    except RoseError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    if args.layers < 1 or args.tokens < 1 or args.runs < 1:
+        print("Error: --layers, --tokens and --runs must be >= 1", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("Error: the profile needs CUDA, and this machine has none", file=sys.stderr)

@@ -437,6 +437,32 @@ def test_interrupted_export_leaves_nothing(pruned24, tmp_path, monkeypatch):
     no_leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("fmt,module,writer", [("packed24", "packed24", "pack24"),
+                                                ("semi-structured", "semi_structured", "cutlass_pack")])
+def test_a_format_whose_files_fail_its_check_never_appears(pruned24, tmp_path, monkeypatch, fmt, module, writer):
+    """Every registered format has a check that reads the written files back; a writer that stores one wrong value
+    is caught there, in one line, and the output never appears."""
+    import importlib
+
+    from export.formats import FORMATS
+
+    assert all(callable(f.check) for f in FORMATS.values())
+    mod = importlib.import_module(f"export.{module}")
+    real = getattr(mod, writer)
+
+    def off_by_one(W):
+        values, meta = real(W)
+        values = values.clone()
+        values.view(-1)[0] += 1
+        return values, meta
+
+    monkeypatch.setattr(mod, writer, off_by_one)
+    one_line_error(run("export", "--pruned", pruned24, "--out", tmp_path / "out", "--formats", f"hf,{fmt}", "-q"),
+                   "please report this")
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
 def test_prune_and_export_cli(tmp_path, calib_file):
     tiny = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(tiny)
