@@ -138,10 +138,11 @@ def _refuse_packed(directory: Path) -> None:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
         return  # transformers reports it
-    fmt = config.get("rose_format", {}).get("name") if isinstance(config, dict) else None
-    if fmt:
-        raise RoseError(f"{directory} is rose's {fmt} export, which transformers cannot load: use its hf/ sibling "
-                        f"here, or load it with runtime.load_{fmt.replace('-', '_')}")
+    marker = config.get("rose_format") if isinstance(config, dict) else None
+    if isinstance(marker, dict) and marker.get("name"):
+        loader = marker.get("loader") or "rose's runtime package"
+        raise RoseError(f"{directory} is rose's {marker['name']} export, which transformers cannot load: use its hf/ "
+                        f"sibling here, or load it with {loader}")
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32"):

@@ -72,9 +72,12 @@ def check_inputs(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> 
 
 
 def check_output(out: Path, overwrite: bool, inputs: Iterable[tuple[str, str | Path | None]] = ()) -> Path:
-    """Validate an output directory before any expensive work; returns it resolved."""
+    """Validate an output directory before any expensive work; returns it resolved. What a killed run left is
+    tidied first, so that a previous copy it restores counts as existing (and needs --overwrite)."""
     check_inputs(out, inputs)
     target = resolved(out)
+    if target.parent.is_dir():
+        recover(target)
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise RoseError(f"output {out} already exists: choose another --out or pass --overwrite")

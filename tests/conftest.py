@@ -123,9 +123,11 @@ def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def one_line_error(result, fragment: str) -> None:
-    """The CLI's contract for bad input: exit code 2 and exactly one line, `Error: ...`, naming the problem."""
+def one_line_error(result, fragment: str) -> str:
+    """The CLI's contract for bad input: exit code 2 and exactly one line, `Error: ...`, naming the problem; returns
+    the line."""
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert fragment in lines[0], lines[0]
+    return lines[0]

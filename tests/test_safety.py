@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,15 +139,33 @@ def test_a_kill_at_any_point_of_the_swap_loses_nothing(tmp_path, mode, step):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_stale_partial_outputs_of_killed_runs_are_removed(pruned, tmp_path, caplog):
+def test_stale_partial_outputs_of_killed_runs_are_removed(pruned, tmp_path):
     out = tmp_path / "out"
     stale = tmp_path / ".out.rose-999999-abc.partial"   # no process has this id
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"\0" * 1000)
     live = tmp_path / f".out.rose-{os.getppid()}-xyz.partial"  # a running process's: left alone
     live.mkdir()
-    assert run("export", "--pruned", pruned, "--out", out, "--formats", "hf", "-q").exit_code == 0
+    r = run("export", "--pruned", pruned, "--out", out, "--formats", "hf", "-q")
+    assert r.exit_code == 0, r.output
     assert not stale.exists() and live.exists() and (out / "manifest.json").is_file()
+    assert f"removed {stale}, left by a killed run" in r.output  # said, even under -q, not done in silence
+
+
+def test_a_previous_copy_restored_from_a_killed_swap_still_needs_overwrite(pruned, tmp_path):
+    """Where the swap is two renames (no renameat2), a kill between them leaves only the hidden previous copy; the
+    next run puts it back first, so writing over it still takes --overwrite."""
+    out = tmp_path / "out"
+    assert run("export", "--pruned", pruned, "--out", out, "--formats", "hf", "-q").exit_code == 0
+    before = (out / "manifest.json").read_bytes()
+    out.rename(tmp_path / ".out.rose-999999-abc.old")  # what the killed run left
+    r = run("export", "--pruned", pruned, "--out", out, "--formats", "hf", "-q")
+    assert r.exit_code == 2
+    restored, error = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert restored.endswith("restored the previous copy that a killed run left in .out.rose-999999-abc.old")
+    assert error.startswith("Error: output") and "already exists" in error
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(pruned, tmp_path, monkeypatch):
@@ -175,18 +194,22 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(pruned, tmp_path, monkeypatc
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
-def test_outputs_get_ordinary_permissions(pruned, tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.slow  # an ONNX export per umask
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_ordinary_permissions(pruned, tmp_path, umask):
+    """Outputs follow the user's umask, as `save_pretrained` into a normal directory would: a server running as
+    another user can read every file, the ONNX graph included (no 0700/0600 left over from the temporary dirs)."""
+    old = os.umask(umask)
     try:
         out = tmp_path / "out"
-        assert run("export", "--pruned", pruned, "--out", out, "--formats", "hf,packed24", "-q").exit_code == 0
+        assert run("export", "--pruned", pruned, "--out", out, "--formats", "hf,packed24,onnx", "-q").exit_code == 0
     finally:
         os.umask(old)
-    assert out.stat().st_mode & 0o777 == 0o755
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".safetensors" for p in files)
-    assert {p.stat().st_mode & 0o777 for p in files} == {0o644}
-    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_dir()} == {0o755}
+    assert {p.suffix for p in files} >= {".safetensors", ".onnx", ".json"}
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_dir()} == {0o777 & ~umask}
 
 
 # ---- loaders -------------------------------------------------------------------------------------------------
@@ -310,7 +333,12 @@ def test_transformers_refuses_rose_packed_folders_loudly(exported, tmp_path, fmt
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match=f"rose {fmt} export: transformers cannot load this folder"):
         AutoModelForCausalLM.from_pretrained(d)
-    one_line_error(run("eval", "--model", d, "--data", ROOT / "README.md", "--seqlen", 16), f"rose's {fmt} export")
+    line = one_line_error(run("eval", "--model", d, "--data", ROOT / "README.md", "--seqlen", 16),
+                          f"rose's {fmt} export")
+    import runtime
+
+    named = re.findall(r"runtime\.(\w+)\(", line)
+    assert named and all(hasattr(runtime, n) for n in named), line  # the loader it names exists
 
 
 def test_packed24_stays_readable_by_legacy_compressed_tensors_with_the_marker(exported, pruned):
