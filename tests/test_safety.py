@@ -73,6 +73,12 @@ def test_out_may_not_hold_the_calibration_file(pruned, tmp_path):
     one_line_error(run("prune", "--model", pruned, "--calib", calib, "--out", tmp_path, "--overwrite", "--nsamples",
                        2, "--seqlen", 16), "contains the input --calib")
     assert calib.is_file()
+    held_out = data / "eval.txt"  # the perplexity text of --eval is an input too
+    shutil.copy(pruned.parent / "calib.txt", held_out)
+    one_line_error(run("prune", "--model", pruned, "--calib", pruned.parent / "calib.txt", "--eval", "--eval-data",
+                       held_out, "--out", data, "--overwrite", "--nsamples", 2, "--seqlen", 16),
+                   "contains the input --eval-data")
+    assert calib.is_file() and held_out.is_file()
 
 
 def test_overwrite_refuses_a_directory_rose_did_not_write(pruned, tmp_path, monkeypatch):
@@ -92,6 +98,7 @@ def test_overwrite_refuses_a_directory_rose_did_not_write(pruned, tmp_path, monk
     fake.mkdir()
     (fake / "manifest.json").write_text("my notes")
     one_line_error(run("export", "--pruned", pruned, "--out", fake, "--formats", "hf", "--overwrite"), "is not one")
+    assert (fake / "manifest.json").read_text() == "my notes"
     empty = tmp_path / "empty"  # an empty directory holds nothing to lose
     empty.mkdir()
     assert run("export", "--pruned", pruned, "--out", empty, "--formats", "hf", "--overwrite", "-q").exit_code == 0
