@@ -74,6 +74,40 @@ def column_energy(model, calib):
     return {k: s / n for k, (s, n) in sums.items()}
 
 
+def permute_layer(layer, cfg, energy_down: torch.Tensor, energy_o: torch.Tensor, rounds: int, seed: int,
+                  m: int = 4, keep: int = 2) -> dict[str, dict[str, float]]:
+    """Permute one decoder layer's `down_proj` and `o_proj` input channels, and the rows that feed them, so that N:M
+    keeps more saliency; the layer computes the same function. Returns the saliency share N:M loses before/after."""
+    mlp, attn = layer.mlp, layer.self_attn
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    share = cfg.num_attention_heads // cfg.num_key_value_heads
+    out = {}
+    # down_proj: permute intermediate units; gate/up rows follow
+    S = mlp.down_proj.weight.abs() * energy_down.sqrt()
+    perm = balanced_permutation(S, m, keep, rounds=rounds, seed=seed)
+    total = float(S.sum())
+    out["down_proj"] = {"lost_before": 1 - kept(S, m, keep) / total,
+                        "lost_after": 1 - kept(S[:, perm], m, keep) / total}
+    mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
+    mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[perm])
+    mlp.up_proj.weight.copy_(mlp.up_proj.weight[perm])
+    # o_proj: per value head, one permutation of its head_dim shared by the query heads that read it
+    Wo = attn.o_proj.weight
+    S = Wo.abs() * energy_o.sqrt()
+    full = torch.arange(Wo.shape[1])
+    for kv in range(cfg.num_key_value_heads):
+        heads = range(kv * share, (kv + 1) * share)
+        stacked = torch.cat([S[:, h * hd:(h + 1) * hd] for h in heads], dim=0)
+        p = balanced_permutation(stacked, m, keep, rounds=rounds, seed=1000 * seed + kv)
+        for h in heads:
+            full[h * hd:(h + 1) * hd] = h * hd + p
+        attn.v_proj.weight[kv * hd:(kv + 1) * hd] = attn.v_proj.weight[kv * hd + p].clone()
+    total = float(S.sum())
+    out["o_proj"] = {"lost_before": 1 - kept(S, m, keep) / total, "lost_after": 1 - kept(S[:, full], m, keep) / total}
+    attn.o_proj.weight.copy_(Wo[:, full].clone())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -91,38 +125,16 @@ def main() -> None:
     with calibration_mode(model):
         before_logits = model(probe, use_cache=False).logits
     energy = column_energy(model, calib)
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    share = cfg.num_attention_heads // cfg.num_key_value_heads
     report = {"down_proj": [], "o_proj": []}
     with torch.no_grad():
         chosen = {int(x) for x in args.layers.split(",")} if args.layers else None
         for i, layer in enumerate(decoder_layers(model)):
             if chosen is not None and i not in chosen:
                 continue
-            mlp, attn = layer.mlp, layer.self_attn
-            # down_proj: permute intermediate units; gate/up rows follow
-            S = mlp.down_proj.weight.abs() * energy[(i, "mlp.down_proj")].sqrt()
-            perm = balanced_permutation(S, rounds=args.rounds, seed=i)
-            total, k0, k1 = float(S.sum()), kept(S, 4, 2), kept(S[:, perm], 4, 2)
-            report["down_proj"].append({"layer": i, "lost_before": 1 - k0 / total, "lost_after": 1 - k1 / total})
-            mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
-            mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[perm])
-            mlp.up_proj.weight.copy_(mlp.up_proj.weight[perm])
-            # o_proj: per value head, one permutation of its head_dim shared by the query heads that read it
-            Wo, e = attn.o_proj.weight, energy[(i, "self_attn.o_proj")].sqrt()
-            S = Wo.abs() * e
-            full = torch.arange(Wo.shape[1])
-            for kv in range(cfg.num_key_value_heads):
-                heads = range(kv * share, (kv + 1) * share)
-                stacked = torch.cat([S[:, h * hd:(h + 1) * hd] for h in heads], dim=0)
-                p = balanced_permutation(stacked, rounds=args.rounds, seed=1000 * i + kv)
-                for h in heads:
-                    full[h * hd:(h + 1) * hd] = h * hd + p
-                attn.v_proj.weight[kv * hd:(kv + 1) * hd] = attn.v_proj.weight[kv * hd + p].clone()
-            total, k0, k1 = float(S.sum()), kept(S, 4, 2), kept(S[:, full], 4, 2)
-            report["o_proj"].append({"layer": i, "lost_before": 1 - k0 / total, "lost_after": 1 - k1 / total})
-            attn.o_proj.weight.copy_(Wo[:, full].clone())
+            lost = permute_layer(layer, model.config, energy[(i, "mlp.down_proj")], energy[(i, "self_attn.o_proj")],
+                                 args.rounds, seed=i)
+            for name, row in lost.items():
+                report[name].append({"layer": i, **row})
         model.eval()
         after_logits = model(probe, use_cache=False).logits
     diff = float((after_logits - before_logits).abs().max())
