@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RoseRuntimeError, first_line
+from .manifest import verify_files
 
 LIBRARY = Path(__file__).resolve().parent / "_lib" / "librose_ort.so"
 DOMAIN = "rose"
@@ -48,11 +49,16 @@ def session_options(threads: int | None = None) -> Any:
 
 
 def session(model: str | os.PathLike | bytes, threads: int | None = None, options: Any = None,
-            providers: list | None = None) -> Any:
+            providers: list | None = None, verify: bool = True) -> Any:
     """An `onnxruntime.InferenceSession` for `model` (a path, or the serialized model) on the CPU with rose's
     operators registered. `options`: your own `SessionOptions`, without rose's library (this registers it; `threads`
-    still applies when given)."""
+    still applies when given). A path inside an export whose `manifest.json` lists its directory is checked first,
+    as every runtime loader does: each file's size and sha256 (one read, about 1 s per GB; `verify=False` skips
+    it). onnxruntime itself then checks the graph and rose's operator checks every packed mask."""
     import onnxruntime as ort
+
+    if not isinstance(model, bytes) and verify:
+        verify_files(Path(model).resolve().parent)
 
     if options is None:
         options = session_options(threads)

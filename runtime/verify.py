@@ -10,7 +10,6 @@ Every failure is one line (`RoseRuntimeError`) naming the file and the tensor.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,43 +18,11 @@ from typing import Any
 import torch
 
 from .errors import RoseRuntimeError, first_line
+from .manifest import MANIFEST, sha256, verify_files  # noqa: F401  (the loaders' hash check, torch-free)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT_KEY = "rose_format"  # in config.json of rose's packed formats: what transformers must not load as is
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_files(directory: Path, verify: bool = True) -> bool:
-    """Check every file that the export's manifest lists for `directory` (size and sha256); True when checked."""
-    directory = Path(directory)
-    manifest = directory.parent / MANIFEST
-    if not verify:
-        return False
-    if not manifest.is_file():
-        log.info("%s has no %s beside it: file hashes not checked (structure only)", directory, MANIFEST)
-        return False
-    try:
-        entries = json.loads(manifest.read_text())["formats"][directory.name]["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RoseRuntimeError(f"{manifest} does not describe {directory.name}/ ({first_line(exc)[:80]}): re-export "
-                               f"it, or pass verify=False to skip the hash check") from None
-    for entry in entries:
-        path = directory.parent / entry["path"]
-        if not path.is_file():
-            raise RoseRuntimeError(f"{path} is missing, though {manifest.name} lists it: re-export the model")
-        if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
-            raise RoseRuntimeError(f"{path} does not match its size and sha256 in {manifest.name}: it changed or was "
-                                   f"damaged after the export; re-export it (verify=False loads it unchecked)")
-    return True
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

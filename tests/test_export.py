@@ -3,6 +3,7 @@ and every bad input as a one-line error. The expensive export runs once per modu
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -577,6 +578,33 @@ def test_onnx_sparse24_runs_roses_operator_on_packed_weights(exported, pruned24)
     assert (d / info["custom_ops_library"]).is_file() and (d / "genai_config.json").is_file()
     assert parity["greedy_identical"] and parity["max_abs_logits"] <= 1e-4 and parity["max_abs_logits_vs_onnx"] <= 1e-4
     assert info["size_ratio_to_onnx"] < 0.65
+
+
+@pytest.mark.slow
+def test_onnx_sessions_check_the_manifests_hashes(exported, tmp_path):
+    """runtime.ort.session checks an export's files against its manifest like every runtime loader: a changed
+    byte is one line naming the file; verify=False opens it unchecked; a graph outside an export is not checked."""
+    from runtime.errors import RoseRuntimeError
+    from runtime.ort import session
+
+    out, _ = exported
+    copy = tmp_path / "out"
+    copy.mkdir()
+    shutil.copytree(out / "onnx-sparse24", copy / "onnx-sparse24")
+    shutil.copy(out / "manifest.json", copy)
+    graph = copy / "onnx-sparse24" / "model.onnx"
+    assert session(graph, threads=1).get_inputs()
+    biggest = max((p for p in graph.parent.iterdir() if p.name.startswith("model.onnx")),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[-5] ^= 1   # the last bytes of the file: weight values, not the graph's structure
+    biggest.write_bytes(bytes(data))
+    with pytest.raises(RoseRuntimeError, match=f"{biggest.name} does not match its size and sha256") as err:
+        session(graph, threads=1)
+    assert "\n" not in str(err.value)
+    assert session(graph, threads=1, verify=False).get_inputs()
+    (copy / "manifest.json").unlink()
+    assert session(graph, threads=1).get_inputs()
 
 
 def test_onnx_sparse24_without_the_operator_library_is_one_line(pruned24, tmp_path, monkeypatch, caplog):
