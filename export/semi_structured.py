@@ -106,9 +106,10 @@ def check_semi_structured(src: Source, out: Path) -> dict:
 
     stored = load_file(out / WEIGHTS)
     index = json.loads((out / INDEX).read_text())
+    if set(index["packed"]) | set(index["dense"]["cutlass"]) != set(src.linears):
+        raise RoseError(f"{INDEX} does not account for every linear layer: please report this")
     for module in index["packed"]:
         weight = src.tensors[f"{module}.weight"].to(HALF[index["dtype"]])
         if not bit_equal(cutlass_unpack(stored[f"{module}.packed"], stored[f"{module}.meta"]), weight):
             raise RoseError(f"the CUTLASS packing of {module} does not unpack to its weight: please report this")
     return {"cutlass_packing": "unpacked on the CPU, bit-exact"}
-

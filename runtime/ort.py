@@ -52,13 +52,15 @@ def session(model: str | os.PathLike | bytes, threads: int | None = None, option
             providers: list | None = None, verify: bool = True) -> Any:
     """An `onnxruntime.InferenceSession` for `model` (a path, or the serialized model) on the CPU with rose's
     operators registered. `options`: your own `SessionOptions`, without rose's library (this registers it; `threads`
-    still applies when given). A path inside an export whose `manifest.json` lists its directory is checked first,
-    as every runtime loader does: each file's size and sha256 (one read, about 1 s per GB; `verify=False` skips
-    it). onnxruntime itself then checks the graph and rose's operator checks every packed mask."""
+    still applies when given). A graph inside an export whose `manifest.json` lists its directory is checked first,
+    as every runtime loader does: the graph's files' sizes and sha256 (one read, about 1 s per GB; `verify=False`
+    skips it; the configs beside it may be edited). onnxruntime then checks the graph, and rose's operator every
+    packed mask."""
     import onnxruntime as ort
 
     if not isinstance(model, bytes) and verify:
-        verify_files(Path(model).resolve().parent)
+        path = Path(model).resolve()
+        verify_files(path.parent, files=path.name, strict=False)
 
     if options is None:
         options = session_options(threads)

@@ -12,7 +12,8 @@ from conftest import ROOT, tiny_model
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("scripts_permutation_study", ROOT / "scripts" / "permutation_study.py")
+    path = ROOT / "scripts" / "permutation_study.py"
+    spec = importlib.util.spec_from_file_location("scripts_permutation_study", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
