@@ -218,9 +218,8 @@ def atomic_output(out: Path, overwrite: bool = False,
                   inputs: Iterable[tuple[str, str | Path | None]] = ()) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `out` (see the module's rules), on any failure it is
     removed. A full disk is a one-line error."""
-    target = check_output(out, overwrite, inputs)
+    target = check_output(out, overwrite, inputs)  # has tidied what killed runs left beside it
     target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.rose-{os.getpid()}-", suffix=".partial",
                                 dir=target.parent))
     try:
