@@ -42,6 +42,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         for r in records:
             orders[r["order"]] = orders.get(r["order"], 0) + 1
         out["chosen_orders"] = orders
+    perms = [r["permutation"] for r in records if "lost_after" in r.get("permutation", {})]
+    if perms:  # --permute: the share of the consumers' saliency that N:M loses, identity against permuted
+        out["permutation"] = {"sublayers": len(perms),
+                              "mean_lost_before": round(sum(p["lost_before"] for p in perms) / len(perms), 6),
+                              "mean_lost_after": round(sum(p["lost_after"] for p in perms) / len(perms), 6),
+                              "seconds": round(sum(p["seconds"] for p in perms), 2)}
     guards = {r["layer"]: r["layer_guard"]["kept"] for r in records if "layer_guard" in r}
     if guards:  # --order best: decoder layers checked, and where SparseGPT's solution was kept
         out["guarded_layers"] = len(guards)

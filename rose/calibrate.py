@@ -2,7 +2,8 @@
 
 1. capture the inputs of the first decoder layer for every calibration sample;
 2. for each layer: collect statistics of every linear sublayer, prune them, then run the *pruned* layer to get
-   the inputs of the next one.
+   the inputs of the next one. With `cfg.permute` (N:M), the layer's free input-channel permutations are applied
+   between the statistics and the pruning (permute.py): the layer's function, and so both streams, stay the same.
 Two optional stages compare a pruned layer with the dense model, whose hidden states the loop then carries beside
 the pruned ones (the dense stream, dense_stream.py): a method's layer guard (`--order best` supplies one, see
 best_order.py), which settles each layer after its sublayers are pruned, and the refit (`cfg.refit`, refit.py),
@@ -22,12 +23,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import all_sublayers, decoder_layers, get_weight, linear_sublayers, set_weight
+from .arch import all_sublayers, decoder_layers, free_permutations, get_weight, linear_sublayers, set_weight
 from .config import PruneConfig
 from .dense_stream import DenseStream, token_error
 from .errors import RoseError
 from .methods import Candidate, layer_guard, prune_weight
 from .offload import all_but_on_device, calibration_mode, full_fp32, on_device, to_device
+from .permute import permute_layer
 from .refit import refit_layer
 from .solver import reconstruction_error
 from .stats import InputStats
@@ -40,9 +42,12 @@ class _Captured(Exception):
 
 
 def check_widths(model: nn.Module, cfg: PruneConfig) -> None:
-    """Fail before any work when an N:M pattern does not fit a sublayer's input width."""
+    """Fail before any work when an N:M pattern does not fit a sublayer's input width, or `--permute` meets a
+    model whose free permutations rose does not know."""
     if not cfg.sparsity.is_nm:
         return
+    if cfg.permute:
+        free_permutations(model, decoder_layers(model)[0])
     m = cfg.sparsity.m
     bad = [f"{name} (in_features={get_weight(mod).shape[1]})" for name, mod in all_sublayers(model).items()
            if get_weight(mod).shape[1] % m]
@@ -143,6 +148,8 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                 if dense is not None:
                     dense.advance(run, outs)
                 del outs  # the next layer's inputs come from the pruned layer
+                permuted = (permute_layer(model, layer, stats, cfg, seed=cfg.seed * 100_003 + idx)
+                            if cfg.permute else {})
                 infos, fallbacks, errors, seconds, line = {}, {}, {}, {}, []
                 for name, mod in subs.items():
                     t0 = time.perf_counter()
@@ -151,6 +158,8 @@ def prune_model(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, progres
                     errors[name] = reconstruction_error(W, result.weight, stats[name].H)
                     set_weight(mod, result.weight)
                     infos[name], fallbacks[name] = result.info, result.fallback
+                    if name in permuted:
+                        infos[name]["permutation"] = permuted[name]
                     seconds[name] = time.perf_counter() - t0
                     line.append(f"{name.split('.')[-1]}={errors[name]:.4f}" + ("*" if result.info.get("reordered")
                                                                                else ""))

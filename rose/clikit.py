@@ -142,6 +142,12 @@ def prune_options(f):
         click.option("--refit-norms", is_flag=True, default=_default("refit_norms"),
                      help="Refit: also train the decoder layer's norm weights and biases (an ablation: "
                           "docs/quality/refit)."),
+        click.option("--permute", is_flag=True, default=_default("permute"),
+                     help="N:M only: before each decoder layer is pruned, reorder the input channels of down_proj "
+                          "and o_proj (with the rows of gate/up_proj and v_proj that make them, so the dense model "
+                          "computes the same function) so that N:M groups keep more saliency. Any method."),
+        click.option("--permute-rounds", type=click.IntRange(min=1), default=_default("permute_rounds"),
+                     show_default=True, help="Permute: rounds of the channel-permutation search per sublayer."),
     )(f)
 
 

@@ -19,6 +19,7 @@ DEFAULT_THRESHOLD = 0.5   # ROSE's columnar threshold on the relative range of b
 # the refit after pruning (refit.py): Adam steps per decoder layer (one calibration window each), learning rate
 DEFAULT_REFIT_STEPS = 64
 DEFAULT_REFIT_LR = 1e-3
+DEFAULT_PERMUTE_ROUNDS = 20   # --permute: rounds of the channel-permutation search (permute.py)
 DEFAULT_EVAL_DATA = "wikitext2"
 DEFAULT_EVAL_SEQLEN = 2048
 # the choices of PruneConfig's string fields; the CLI offers exactly these
@@ -91,6 +92,9 @@ class PruneConfig:
     refit_samples: int | None = None     # calibration windows the refit trains on; None = all of them
     refit_loss: str = "relative"
     refit_norms: bool = False            # also train the layer's norm weights and biases (unmasked)
+    # N:M: free input-channel permutations before each decoder layer is pruned (any method; permute.py)
+    permute: bool = False
+    permute_rounds: int = DEFAULT_PERMUTE_ROUNDS
 
     def __post_init__(self) -> None:
         from .methods import METHODS  # the registry imports this module
@@ -103,7 +107,8 @@ class PruneConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise RoseError(f"unknown {_flag(name)} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
-        for name, low in (("nsamples", 1), ("seqlen", 2), ("blocksize", 1), ("refit_steps", 1)):
+        for name, low in (("nsamples", 1), ("seqlen", 2), ("blocksize", 1), ("refit_steps", 1),
+                          ("permute_rounds", 1)):
             if not _is_int(getattr(self, name)) or getattr(self, name) < low:
                 raise RoseError(f"{_flag(name)} must be an integer >= {low}, got {getattr(self, name)!r}")
         for name in ("percdamp", "refit_lr"):
@@ -115,6 +120,9 @@ class PruneConfig:
                             f"got {self.refit_samples!r}")
         if str(self.device).split(":")[0] not in DEVICES:
             raise RoseError(f"unknown --device {self.device!r}: use cpu or cuda")
+        if self.permute and not self.sparsity.is_nm:
+            raise RoseError(f"--permute needs an N:M --sparsity such as 2:4: it regroups the input channels that "
+                            f"N:M prunes together, and unstructured {self.sparsity} has no groups")
         if self.order == "best" and self.method != "rose":
             raise RoseError("--order best applies to --method rose only")
         if self.method == "rose" and self.sparsity.is_nm and self.blocksize % self.sparsity.m:

@@ -32,6 +32,14 @@ class InputStats:
         self.reference_scaler.mul_((k - 1) / k).add_((x * x).sum(0), alpha=1.0 / k ** 2)
         self.tokens = total
 
+    def permute_(self, perm: torch.Tensor) -> None:
+        """Reorder the columns (`--permute` moved the sublayer's input channels): new position -> old column."""
+        perm = perm.to(self.sq_norm.device)
+        if self.H is not None:
+            self.H = self.H[perm][:, perm]
+        self.sq_norm = self.sq_norm[perm]
+        self.reference_scaler = self.reference_scaler[perm]
+
     @property
     def col_norm(self) -> torch.Tensor:
         """Root-mean-square input per column, `||X_j||_2 / sqrt(N)`: Wanda's activation factor."""

@@ -6,7 +6,7 @@
 # e.g.   scripts/quality_runs.sh runs 0 dense sparsegpt:2:4 rose:0.7:--rose-order=columns rose:2:4:--order=best,--refit
 # ROSE_EXPORT overrides the command (default: rose-export), e.g. "python -m rose_export" from a checkout;
 # ROSE_SECOND_TEXT= (empty) skips the second text (3-4 minutes of evaluation per run on one thread);
-# ROSE_MODEL=DIR prunes another model than the embedded SmolLM2 (e.g. scripts/permutation_study.py's output).
+# ROSE_MODEL=DIR prunes another model than the embedded SmolLM2 (e.g. a local checkpoint directory).
 # Each run keeps its rose_recipe.json (timings, per-sublayer records, perplexity) under RUNS_DIR; the weights
 # are deleted to save disk. Render with: python scripts/quality_table.py RUNS_DIR
 set -euo pipefail

@@ -19,21 +19,23 @@ from rose.config import PruneConfig
 
 PATTERNS = ["0.5", "0.6", "0.7", "4:8", "2:4"]
 HEAD = {"0.5": "50%", "0.6": "60%", "0.7": "70%", "4:8": "4:8", "2:4": "2:4"}
-ROWS = ["magnitude", "wanda", "sparsegpt", "rose", "rose --order best", "magnitude --refit", "wanda --refit",
-        "sparsegpt --refit", "rose --refit", "rose --order best --refit"]
+ROWS = ["magnitude", "wanda", "sparsegpt", "rose", "rose --order best", "sparsegpt --permute", "magnitude --refit",
+        "wanda --refit", "sparsegpt --refit", "rose --refit", "rose --order best --refit", "sparsegpt --refit --permute",
+        "rose --order best --refit --permute"]
 SECOND = "pydoc"   # the second evaluation text (rose/data.py)
 REFIT_DEFAULTS = {k: PruneConfig.default(k) for k in ("refit_steps", "refit_lr", "refit_samples", "refit_loss")}
 
 
 def label(cfg: dict) -> str:
     base = method_label(cfg)
+    permute = ["--permute"] if cfg.get("permute") else []
     if not cfg.get("refit"):
-        return base
+        return " ".join([base, *permute])
     extras = [f"--{k.replace('_', '-')} " + (f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k]))
               for k, v in REFIT_DEFAULTS.items() if cfg.get(k, v) != v]
     if cfg.get("refit_norms"):
         extras.append("--refit-norms")
-    return " ".join([base, "--refit", *extras])
+    return " ".join([base, "--refit", *extras, *permute])
 
 
 def method_label(cfg: dict) -> str:

@@ -35,7 +35,9 @@ VARIANTS = {"magnitude": dict(method="magnitude"), "wanda": dict(method="wanda")
 WHOLE = {"sparsegpt": dict(method="sparsegpt"), "rose": dict(method="rose"),
          "rose --order best": dict(method="rose", order="best"),
          "sparsegpt --refit": dict(method="sparsegpt", refit=True),
-         "rose --order best --refit": dict(method="rose", order="best", refit=True)}
+         "rose --order best --refit": dict(method="rose", order="best", refit=True),
+         "sparsegpt --permute": dict(method="sparsegpt", permute=True),
+         "sparsegpt --refit --permute": dict(method="sparsegpt", refit=True, permute=True)}
 
 
 def collect(model, calib):

@@ -51,6 +51,8 @@ def test_prune_config_defaults_and_text_sparsity():
     (dict(refit=True, refit_samples=0), "--refit-samples must be an integer from 1"),
     (dict(refit=True, refit_loss="l1"), "unknown --refit-loss 'l1'"),
     (dict(method="rose", sparsity="4:8", blocksize=100), "--blocksize 100 must be a multiple of M=8 for 4:8"),
+    (dict(sparsity="0.5", permute=True), "--permute needs an N:M --sparsity"),
+    (dict(sparsity="2:4", permute=True, permute_rounds=0), "--permute-rounds must be an integer >= 1"),
 ])
 def test_prune_config_validates_itself(kwargs, fragment):
     """A library caller gets the CLI's one-line errors (the CLI builds its config the same way)."""
