@@ -174,3 +174,17 @@ def test_heads_narrower_than_a_group_are_left_alone_and_recorded():
     down = [r["permutation"] for r in records if r["name"] == "mlp.down_proj"]
     assert o == [{"skipped": "width 12 is not a multiple of 8"}] * 2 and all("lost_after" in d for d in down)
     assert all(is_nm(get_weight(mod), 4, 8) for mod in all_sublayers(model).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_permute_on_cuda_matches_the_cpu():
+    """The layer and its statistics sit on the GPU; the search runs on the CPU: the same permutations either way."""
+    cfg = dict(method="wanda", sparsity="2:4", nsamples=4, seqlen=32, permute=True, permute_rounds=4)
+    cpu, gpu = tiny_model("llama", init=0.2), tiny_model("llama", init=0.2)
+    rec_cpu = prune_model(cpu, calib(), PruneConfig(**cfg), progress=False)
+    rec_gpu = prune_model(gpu, calib(), PruneConfig(device="cuda", **cfg), progress=False)
+    assert [r.get("permutation", {}).get("moved") for r in rec_cpu] == [r.get("permutation", {}).get("moved")
+                                                                         for r in rec_gpu]
+    for name, mod in all_sublayers(gpu).items():
+        assert get_weight(mod).device.type == "cpu" and is_nm(get_weight(mod), 2, 4), name
