@@ -16,7 +16,6 @@ less than the one before.
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from typing import Any
 
@@ -25,17 +24,16 @@ from torch import nn
 
 from .arch import ChannelGroup, free_permutations, get_weight, permute_channels
 from .config import PruneConfig
+from .masks import nm_mask
 from .ordering import wanda_scores
 from .stats import InputStats
-
-log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 24   # elements of one round's candidate tensor held at a time
 
 
 def kept_saliency(S: torch.Tensor, n: int, m: int) -> float:
-    """Saliency that N:M keeps: in each row, the `m - n` largest of every group of `m` consecutive columns."""
-    return float(S.reshape(S.shape[0], -1, m).topk(m - n, dim=-1).values.sum())
+    """Saliency that N:M keeps: what the pruning's own N:M mask leaves of `S`."""
+    return float(S.masked_fill(nm_mask(S, n, m), 0).sum())
 
 
 def _deals(m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +51,6 @@ def _top_sum(X: torch.Tensor, keep: int) -> torch.Tensor:
     """Sum of the `keep` largest along dim -2 of X (..., M, rows). Elementwise forms for the common cases, as
     `topk` over a tiny dimension is several times slower."""
     m = X.shape[-2]
-    if keep == m:
-        return X.sum(-2)
     if keep == 1:
         return X.amax(-2)
     if keep == m - 1:
@@ -79,15 +75,14 @@ def balanced_permutation(S: torch.Tensor, n: int, m: int, rounds: int,
         return perm
     A, B = _deals(m)
     St = S.detach().float().t().contiguous()                        # (cols, rows): a column's values together
-    per_pair = len(A) * m * rows
+    half = groups // 2
+    step = max(1, _CHUNK // (len(A) * m * rows))   # pairs scored at a time
     for _ in range(rounds):
         order = torch.randperm(groups, generator=generator)
-        half = groups // 2
         grid = perm.view(groups, m).clone()
         pa, pb = order[:half], order[half:2 * half]
         both = torch.cat([grid[pa], grid[pb]], dim=1)              # (pairs, 2M) column ids
         best = torch.empty(half, dtype=torch.long)
-        step = max(1, _CHUNK // per_pair)
         for lo in range(0, half, step):
             X = St[both[lo:lo + step]]                             # (pairs, 2M, rows)
             score = (_top_sum(X[:, A], keep) + _top_sum(X[:, B], keep)).sum(-1)   # (pairs, ways)
@@ -116,20 +111,18 @@ def permute_layer(model: nn.Module, layer: nn.Module, stats: dict[str, InputStat
     records: dict[str, dict[str, Any]] = {}
     for group in free_permutations(model, layer):
         t0 = time.perf_counter()
-        W = get_weight(layer.get_submodule(group.consumer))
-        S = wanda_scores(W, stats[group.consumer].sq_norm).cpu()
-        total = float(S.sum()) or 1.0
-        before = kept_saliency(S, n, m)
         if group.width % m:   # N:M groups would straddle the blocks the permutation may move within
             records[group.consumer] = {"skipped": f"width {group.width} is not a multiple of {m}"}
             continue
+        S = wanda_scores(get_weight(layer.get_submodule(group.consumer)), stats[group.consumer].sq_norm).cpu()
+        total = float(S.sum()) or 1.0
         perms = [balanced_permutation(_group_saliency(S, group, k), n, m, cfg.permute_rounds, g)
                  for k in range(len(group.tied))]
         cols = permute_channels(layer, group, perms)
         stats[group.consumer].permute_(cols)
-        after = kept_saliency(S[:, cols.cpu()], n, m)
-        records[group.consumer] = {"lost_before": round(1 - before / total, 6),
-                                   "lost_after": round(1 - after / total, 6),
-                                   "moved": int((cols.cpu() != torch.arange(len(cols))).sum()),
+        cols = cols.cpu()
+        records[group.consumer] = {"lost_before": round(1 - kept_saliency(S, n, m) / total, 6),
+                                   "lost_after": round(1 - kept_saliency(S[:, cols], n, m) / total, 6),
+                                   "moved": int((cols != torch.arange(len(cols))).sum()),
                                    "seconds": round(time.perf_counter() - t0, 4)}
     return records
